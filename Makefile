@@ -1,0 +1,51 @@
+# cldr-dist: `make demo` runs the main job on the tiny data; `make test` sets up and tests.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+CLDR    := .venv/bin/cldr
+STAMP   := .venv/.installed
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+DATA    ?= data/gdsc_v17
+SHARDS  ?= shards/gdsc_v17
+TINY_SHARDS := shards/tiny
+
+.PHONY: setup shards shards-tiny demo test test-all bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned, as the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
+# requirements.lock pins everything else, so pip resolves nothing (an unpinned resolve here
+# takes minutes of backtracking over botocore versions).
+$(STAMP): pyproject.toml requirements.lock
+	test -d .venv || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -r requirements.lock
+	$(PIP) install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
+	touch $(STAMP)
+
+shards: setup
+	$(CLDR) shards --data $(DATA) --out $(SHARDS)
+
+shards-tiny: setup
+	$(CLDR) shards --data $(DATA)/tiny --out $(TINY_SHARDS) --quiet
+
+demo: setup shards-tiny
+	$(PY) -m cldr_dist.demo --config configs/demo.yaml
+
+# pytest exits 5 when it collects nothing; that is a failure here too, never a silent pass
+test: setup
+	$(PY) -m pytest -q tests
+
+test-all: setup
+	$(PY) -m pytest -q -m "" tests
+
+bench: setup
+	$(PY) benchmarks/bench_shards.py --data $(DATA)
+	$(PY) benchmarks/bench_models.py --quick
+
+clean:
+	rm -rf shards/tiny shards/gdsc_v17 runs .pytest_cache

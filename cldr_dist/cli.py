@@ -1,0 +1,74 @@
+"""`cldr` command line: one subcommand per stage of the pipeline.
+
+    cldr shards   --data DIR --out URL          dataset directory -> shards (local or s3://)
+    cldr pretrain --config configs/demo.yaml    Ray Train + DeepSpeed contrastive pretraining
+    cldr finetune --config ...                  MSE finetuning, optionally from a pretrain checkpoint
+
+Every subcommand takes --config FILE and `section.key=value` overrides. A user's mistake
+(bad config, missing file, bad data) ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cldr_dist.config import ConfigError, load_config
+from cldr_dist.data import storage
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from cldr_dist.data.reader import ShardError
+    from cldr_dist.data.tables import DataError
+    return ConfigError, DataError, ShardError, storage.StorageError
+
+
+def cmd_shards(args, cfg) -> None:
+    from cldr_dist.data.shards import build_shards
+    build_shards(cfg, data_dir=args.data, out=args.out, progress=not args.quiet)
+
+
+COMMANDS = {"shards": cmd_shards}
+
+
+def add_train_commands() -> None:
+    from cldr_dist.train import commands
+    COMMANDS.update(commands.COMMANDS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cldr", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (sections as in cldr_dist/config.py)")
+    common.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("shards", parents=[common], help="build WebDataset shards from a dataset directory")
+    p.add_argument("--data", help="dataset directory (default: data.data_dir)")
+    p.add_argument("--out", help="output directory or s3:// URL (default: data.shards)")
+    for name, helptext in (("pretrain", "contrastive pretraining on Ray Train + DeepSpeed"),
+                           ("finetune", "MSE finetuning on Ray Train + DeepSpeed"),
+                           ("evaluate", "test metrics of a checkpoint")):
+        q = sub.add_parser(name, parents=[common], help=helptext)
+        q.add_argument("--checkpoint", help="checkpoint directory or URL (evaluate)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        storage.set_endpoint(cfg.storage.endpoint_url)
+        if args.command not in COMMANDS:
+            add_train_commands()
+        COMMANDS[args.command](args, cfg)
+    except _user_errors() as e:
+        print(f"cldr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cldr {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

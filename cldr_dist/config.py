@@ -1,0 +1,193 @@
+"""Every setting is a field of a dataclass below. A run's settings come from a YAML file
+(configs/*.yaml, sections named as the fields of `Config`) and then `section.key=value`
+overrides from the command line; unknown keys and wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A user-facing problem with a config file or override; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/gdsc_v17/tiny"          # dataset directory in the gdsc_v17 format
+    shards: str = "shards/tiny"                   # local directory or s3://bucket/prefix
+    held_out_drugs: str = "data/gdsc_v17/drug_blind_test_drugs.txt"
+    splits: list[str] = field(default_factory=lambda: ["mixed", "cell_blind", "drug_blind"])
+    fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    seed: int = 171
+    samples_per_shard: int = 2000
+    vocab_size: int = 2000
+    split: str = "drug_blind"                     # the split a training run reads
+    loader_workers: int = 1                       # DataLoader worker processes per rank
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str = ""          # S3 endpoint; empty means AWS_ENDPOINT_URL or AWS's default
+
+
+@dataclass
+class ModelConfig:
+    drp: str = "graphdrp"           # base model: graphdrp | tcnn | deepcdr
+    embed_dim: int = 256            # the fused sample embedding (layer before the regression head)
+    dropout: float = 0.1
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 8
+    caption_context: int = 300
+    number_context: int = 100
+    caption_pad_to: int = 0         # 0 pads to the longest caption in the batch; 300 = the paper
+    number_pad_to: int = 0          # 0 pads to the longest number text; 100 = the paper
+
+
+@dataclass
+class LossConfig:
+    clip_weight: float = 0.9
+    kg_weight: float = 0.1
+    kg_margin: float = 1.0
+    kg_train_relation: bool = True  # False reproduces the original code's frozen relation vector
+    init_logit_scale: float = 2.659260036932778   # log(1 / 0.07)
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "pretrain"          # pretrain | finetune
+    epochs: int = 2
+    max_steps: int = 0              # 0: no cap beyond epochs
+    batch_size: int = 64            # per worker; the contrastive negatives are the global batch
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    seed: int = 171
+    log_every: int = 10
+    checkpoint_every: int = 0       # steps; 0 = only at the end of each epoch
+    keep_checkpoints: int = 2
+    init_from: str = ""             # finetune: a pretrain checkpoint URL (directory)
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    storage_path: str = "runs"      # local path or s3://bucket/prefix
+    name: str = "demo"
+    max_failures: int = 0
+    address: str = ""               # empty: a local Ray instance, "auto": the running cluster
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"config key {key}: expected int, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}; known: {', '.join(sections)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(hints)}")
+    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, yaml.safe_load(value) if value else "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+    need(cfg.model.drp in ("graphdrp", "tcnn", "deepcdr"), f"model.drp: unknown base model {cfg.model.drp!r}; choose graphdrp, tcnn or deepcdr")
+    need(cfg.train.mode in ("pretrain", "finetune"), f"train.mode: {cfg.train.mode!r} is not pretrain or finetune")
+    need(cfg.data.split in ("mixed", "cell_blind", "drug_blind"), f"data.split: unknown split {cfg.data.split!r}")
+    need(all(s in ("mixed", "cell_blind", "drug_blind") for s in cfg.data.splits), f"data.splits: unknown split in {cfg.data.splits}")
+    need(len(cfg.data.fractions) == 3 and all(f > 0 for f in cfg.data.fractions), "data.fractions: need three positive numbers (train, val, test)")
+    for key in ("data.samples_per_shard", "data.vocab_size", "train.batch_size", "train.grad_accum", "ray.num_workers", "data.shuffle_buffer"):
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
+    need(cfg.train.lr > 0, "train.lr must be positive")
+    need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")

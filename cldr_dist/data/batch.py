@@ -1,0 +1,101 @@
+"""The batch every model consumes: one dataclass, built by `collate` from decoded samples.
+
+Each distinct drug of a batch appears once in `drug` (a PyG Batch of graphs); `drug_index`
+maps every sample to its row there, so a model encodes each drug once per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch as GraphBatch
+
+from cldr_dist.data.features import FeatureTables
+
+PAD_ID = 0  # tokenizer reserves id 0 for [PAD]; see data/tokenizer.py
+
+
+@dataclass
+class DRPBatch:
+    drug: GraphBatch            # unique drugs of the batch: x (atoms, 90) float, edge_index, batch, ptr
+    drug_index: torch.Tensor    # (B,) long: sample -> row of `drug` / `smiles`
+    smiles: torch.Tensor        # (U, Ls) long: SMILES character codes, 0-padded (for SMILES CNNs)
+    cell: torch.Tensor          # (B, F) float: genomic features of each sample's cell line
+    y: torch.Tensor             # (B,) float: normalised response in (0, 1)
+    ln_ic50: torch.Tensor       # (B,) float
+    number_index: torch.Tensor  # (B,) long: round(y * 1000), the index of the number text
+    caption: torch.Tensor       # (B, Lc) long token ids, PAD_ID-padded
+    caption_len: torch.Tensor   # (B,) long
+    number: torch.Tensor        # (B, Ln) long token ids of the number text, PAD_ID-padded
+    number_len: torch.Tensor    # (B,) long
+    cell_ids: list[str]
+    drug_ids: list[str]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device) -> "DRPBatch":
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device) if hasattr(v, "to") else v
+        return DRPBatch(**moved)
+
+
+def _pad(seqs: list[np.ndarray], length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    width = int(lens.max()) if length is None else length
+    out = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        n = min(len(s), width)
+        out[i, :n] = s[:n]
+    return torch.from_numpy(out), torch.from_numpy(np.minimum(lens, width))
+
+
+def collate(samples: list[dict], tables: FeatureTables,
+            caption_pad_to: int | None = None, number_pad_to: int | None = None) -> DRPBatch:
+    """samples: decoded shard samples ({"meta": dict, "caption": int array}).
+
+    caption_pad_to / number_pad_to = None pads to the longest sequence in the batch;
+    an int pads (or truncates) to that fixed length, as the paper's 300/100 do.
+    """
+    drug_rows = np.array([s["meta"]["drug"] for s in samples], dtype=np.int64)
+    cell_rows = np.array([s["meta"]["cell"] for s in samples], dtype=np.int64)
+    unique_drugs, drug_index = np.unique(drug_rows, return_inverse=True)
+
+    xs, edges, graph_of_atom, n_atoms = [], [], [], 0
+    for g, d in enumerate(unique_drugs):
+        atoms, edge_index = tables.drug_graph(int(d))
+        xs.append(atoms)
+        edges.append(edge_index + n_atoms)
+        graph_of_atom.append(np.full(len(atoms), g, dtype=np.int64))
+        n_atoms += len(atoms)
+    sizes = np.array([len(a) for a in xs], dtype=np.int64)
+    drug = GraphBatch(
+        x=torch.from_numpy(np.concatenate(xs).astype(np.float32)),
+        edge_index=torch.from_numpy(np.concatenate(edges, axis=1).astype(np.int64)),
+        batch=torch.from_numpy(np.concatenate(graph_of_atom)),
+        ptr=torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)])),
+    )
+    drug._num_graphs = len(unique_drugs)
+
+    smiles, _ = _pad([tables.smiles_codes(int(d)) for d in unique_drugs], None)
+    number_index = np.array([s["meta"]["number"] for s in samples], dtype=np.int64)
+    caption, caption_len = _pad([s["caption"] for s in samples], caption_pad_to)
+    number, number_len = _pad([tables.number_tokens(int(i)) for i in number_index], number_pad_to)
+    return DRPBatch(
+        drug=drug,
+        drug_index=torch.from_numpy(drug_index.astype(np.int64)),
+        smiles=smiles,
+        cell=torch.from_numpy(tables.cell_features[cell_rows].astype(np.float32)),
+        y=torch.tensor([s["meta"]["y"] for s in samples], dtype=torch.float32),
+        ln_ic50=torch.tensor([s["meta"]["ln_ic50"] for s in samples], dtype=torch.float32),
+        number_index=torch.from_numpy(number_index),
+        caption=caption,
+        caption_len=caption_len,
+        number=number,
+        number_len=number_len,
+        cell_ids=[s["meta"]["cell_id"] for s in samples],
+        drug_ids=[s["meta"]["drug_id"] for s in samples],
+    )

@@ -1,0 +1,258 @@
+"""Stream one split/part of the shards as DRPBatches: exactly once per epoch across ranks and
+loader workers, the same number of batches on every rank, resumable mid-epoch.
+
+How an epoch is cut (pure arithmetic on the manifest's sample counts, see `epoch_plan`):
+  1. The part's shards are put in a per-epoch order (seeded by seed and epoch) and read as one
+     sequence of N samples.
+  2. Training (drop_last=True): every rank takes N // world contiguous samples and
+     (N // world) // batch full batches. The N mod (world * batch) samples past the last full
+     batch are not read this epoch (as CLDR's drop_last); the per-epoch order changes which.
+     Evaluation (drop_last=False): ranks take N split as evenly as possible and a short last
+     batch, so every sample is read exactly once; batch counts may then differ by one, so
+     evaluation must not run per-step collectives.
+  3. A rank's batches are split into contiguous blocks, one per DataLoader worker. Each worker
+     reads only its samples, shuffles them through a seeded buffer and batches them. DataLoader
+     returns worker batches round-robin, so `worker_skip` can tell each worker how many of its
+     batches a resumed rank already consumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cldr_dist.data import storage
+from cldr_dist.data.batch import DRPBatch, collate
+from cldr_dist.data.features import FeatureTables
+from cldr_dist.data.shards import FORMAT_VERSION, MANIFEST
+
+
+class ShardError(Exception):
+    """Shards that are missing, corrupt, or do not match their manifest; the message names them."""
+
+
+@dataclass
+class ShardSet:
+    url: str
+    manifest: dict
+    features: FeatureTables
+    tokenizer_json: str
+
+    def part(self, split: str, part: str) -> dict:
+        try:
+            return self.manifest["splits"][split][part]
+        except KeyError:
+            have = ", ".join(self.manifest.get("splits", {}))
+            raise ShardError(f"{self.url}: no {split}/{part} in the manifest (splits: {have})") from None
+
+    def shard_urls(self, split: str, part: str) -> list[str]:
+        return [storage.join(self.url, s["url"]) for s in self.part(split, part)["shards"]]
+
+
+def _checked(url: str, data: bytes, expected: str) -> bytes:
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ShardError(f"checksum mismatch: {url} (truncated or corrupted; rebuild with `cldr shards`)")
+    return data
+
+
+def open_shards(url: str) -> ShardSet:
+    """Read and verify the manifest, the feature tables and the tokenizer of a shard set."""
+    url = url.rstrip("/")
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(url, MANIFEST)))
+    except storage.StorageError as e:
+        raise ShardError(f"no complete shard set at {url}: {e} (run `cldr shards` first)") from None
+    except json.JSONDecodeError:
+        raise ShardError(f"{storage.join(url, MANIFEST)}: not valid JSON") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{url}: shard format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}")
+    blobs = {}
+    for key in ("features", "tokenizer"):
+        u = storage.join(url, manifest[key]["file"])
+        try:
+            blobs[key] = _checked(u, storage.read_bytes(u), manifest[key]["sha256"])
+        except storage.StorageError as e:
+            raise ShardError(f"manifest lists a missing file: {e}") from None
+    return ShardSet(url, manifest, FeatureTables.from_bytes(blobs["features"]), blobs["tokenizer"].decode())
+
+
+# ----------------------------------------------------------------------------- epoch arithmetic
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_shards)
+    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+
+
+def rank_range(total: int, world_size: int, rank: int, batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """[start, stop) of this rank's samples in the epoch's concatenated shard sequence."""
+    if drop_last:
+        per_rank = (total // world_size) // batch_size * batch_size
+        start = rank * (total // world_size)
+        return start, start + per_rank
+    bounds = [r * total // world_size for r in range(world_size + 1)]
+    return bounds[rank], bounds[rank + 1]
+
+
+def batches_per_epoch(total: int, world_size: int, rank: int, batch_size: int, drop_last: bool) -> int:
+    start, stop = rank_range(total, world_size, rank, batch_size, drop_last)
+    return -(-(stop - start) // batch_size)
+
+
+def worker_blocks(num_batches: int, num_workers: int) -> list[tuple[int, int]]:
+    """Contiguous [first, last) batch indices of each loader worker."""
+    bounds = [w * num_batches // num_workers for w in range(num_workers + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def worker_skip(start_batch: int, blocks: list[tuple[int, int]]) -> list[int]:
+    """How many batches each worker had delivered when the rank had consumed start_batch,
+    given DataLoader's round-robin over workers that skips exhausted ones."""
+    remaining = [b - a for a, b in blocks]
+    taken = [0] * len(blocks)
+    consumed = 0
+    while consumed < start_batch and any(r > 0 for r in remaining):
+        for w in range(len(blocks)):
+            if consumed == start_batch:
+                break
+            if remaining[w] > 0:
+                remaining[w] -= 1
+                taken[w] += 1
+                consumed += 1
+    return taken
+
+
+def sample_pieces(sizes: list[int], order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(shard index, first sample, end sample) pieces covering [start, stop) of the sequence."""
+    pieces, pos = [], 0
+    for s in order:
+        n = sizes[s]
+        lo, hi = max(start, pos), min(stop, pos + n)
+        if lo < hi:
+            pieces.append((int(s), lo - pos, hi - pos))
+        pos += n
+        if pos >= stop:
+            break
+    return pieces
+
+
+def epoch_plan(sizes: list[int], *, epoch: int, seed: int, world_size: int, rank: int, batch_size: int,
+               num_workers: int, worker: int, drop_last: bool, shuffle: bool) -> list[tuple[int, int, int]]:
+    """The shard pieces one loader worker of one rank reads in one epoch."""
+    order = shard_order(len(sizes), seed, epoch, shuffle)
+    start, stop = rank_range(sum(sizes), world_size, rank, batch_size, drop_last)
+    num_batches = -(-(stop - start) // batch_size)
+    first, last = worker_blocks(num_batches, num_workers)[worker]
+    lo, hi = start + first * batch_size, min(start + last * batch_size, stop)
+    return sample_pieces(sizes, order, lo, hi)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def iter_shard_samples(data: bytes, first: int, end: int):
+    """Decoded samples first..end-1 of one shard (a .tar.gz of {key}.json + {key}.caption.npy)."""
+    index, current, parts = -1, None, {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key != current:
+                if parts and first <= index < end:
+                    yield _decode(parts)
+                index, current, parts = index + 1, key, {}
+                if index >= end:
+                    return
+            if first <= index < end:
+                parts[ext] = tar.extractfile(member).read()
+        if parts and first <= index < end:
+            yield _decode(parts)
+
+
+def _decode(parts: dict) -> dict:
+    return {"meta": json.loads(parts["json"]),
+            "caption": np.load(io.BytesIO(parts["caption.npy"]), allow_pickle=False).astype(np.int64)}
+
+
+def buffered_shuffle(samples, buffer_size: int, rng: np.random.Generator):
+    buf = []
+    for s in samples:
+        if len(buf) < buffer_size:
+            buf.append(s)
+            continue
+        i = rng.integers(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(IterableDataset):
+    """One rank's stream of DRPBatches for one epoch. Set `epoch` and `start_batch` before
+    iterating (the loader re-reads them at each `iter`)."""
+
+    def __init__(self, shards: ShardSet, split: str, part: str, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 shuffle_buffer: int = 2000, verify_checksums: bool = True,
+                 caption_pad_to: int | None = None, number_pad_to: int | None = None):
+        self.shards, self.split, self.part = shards, split, part
+        entries = shards.part(split, part)["shards"]
+        self.urls = shards.shard_urls(split, part)
+        self.sizes = [s["num_samples"] for s in entries]
+        self.sha256 = [s["sha256"] for s in entries]
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.shuffle_buffer, self.verify = shuffle_buffer, verify_checksums
+        self.caption_pad_to, self.number_pad_to = caption_pad_to, number_pad_to
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return batches_per_epoch(sum(self.sizes), self.world_size, self.rank, self.batch_size, self.drop_last)
+
+    def _samples(self, pieces):
+        for shard, first, end in pieces:
+            try:
+                data = storage.read_bytes(self.urls[shard])
+            except storage.StorageError as e:
+                raise ShardError(f"manifest lists a shard that cannot be read: {e}") from None
+            if self.verify:
+                _checked(self.urls[shard], data, self.sha256[shard])
+            try:
+                yield from iter_shard_samples(data, first, end)
+            except (tarfile.TarError, EOFError, OSError, KeyError, ValueError) as e:
+                raise ShardError(f"{self.urls[shard]}: unreadable sample ({type(e).__name__}: {e})") from None
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = epoch_plan(self.sizes, epoch=self.epoch, seed=self.seed, world_size=self.world_size,
+                          rank=self.rank, batch_size=self.batch_size, num_workers=num_workers,
+                          worker=worker, drop_last=self.drop_last, shuffle=self.shuffle)
+        blocks = worker_blocks(len(self), num_workers)
+        skip = worker_skip(self.start_batch, blocks)[worker]
+        samples = self._samples(plan)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            samples = buffered_shuffle(samples, self.shuffle_buffer, rng)
+        batch, done = [], 0
+        for s in samples:
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                if done >= skip:
+                    yield self._collate(batch)
+                batch, done = [], done + 1
+        if batch and not self.drop_last and done >= skip:
+            yield self._collate(batch)
+
+    def _collate(self, samples) -> DRPBatch:
+        return collate(samples, self.shards.features, self.caption_pad_to, self.number_pad_to)
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    """batch_size=None: the stream batches itself, so DataLoader only moves batches across."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      multiprocessing_context="fork" if num_workers else None,
+                      persistent_workers=False)

@@ -1,0 +1,128 @@
+"""Local paths and s3:// URLs behind one small API (fsspec / s3fs), with atomic writes.
+
+The S3 endpoint comes from config (storage.endpoint_url) or AWS_ENDPOINT_URL, so the same code
+talks to AWS, MinIO or a local test server. Errors never include credentials.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import uuid
+from pathlib import Path
+
+import fsspec
+
+_endpoint_override: str = ""
+
+
+class StorageError(Exception):
+    """A user-facing storage problem (missing bucket, bad credentials, unreachable endpoint)."""
+
+
+def set_endpoint(endpoint_url: str) -> None:
+    """Process-wide S3 endpoint (from config); AWS_ENDPOINT_URL is used when this is empty."""
+    global _endpoint_override
+    _endpoint_override = endpoint_url or ""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url  # so worker processes and Ray see it too
+
+
+def endpoint() -> str:
+    return _endpoint_override or os.environ.get("AWS_ENDPOINT_URL", "")
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def filesystem(url: str) -> fsspec.AbstractFileSystem:
+    if is_s3(url):
+        import s3fs
+        kwargs = {"endpoint_url": endpoint()} if endpoint() else {}
+        # fresh instance: cached instances do not survive fork into loader workers
+        return s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs=kwargs,
+                                 config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"}})
+    return fsspec.filesystem("file")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return posixpath.join(base, *parts)
+    return str(Path(base, *parts))
+
+
+def _describe(url: str, e: Exception) -> str:
+    kind = type(e).__name__
+    msg = str(e).splitlines()[0] if str(e) else kind
+    return f"{url}: {kind}: {msg}"
+
+
+def exists(url: str) -> bool:
+    try:
+        return filesystem(url).exists(url)
+    except Exception as e:  # noqa: BLE001 - mapped to one clear error
+        raise StorageError(_describe(url, e)) from None
+
+
+def read_bytes(url: str) -> bytes:
+    try:
+        with filesystem(url).open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"not found: {url}") from None
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(_describe(url, e)) from None
+
+
+def open_read(url: str):
+    try:
+        return filesystem(url).open(url, "rb")
+    except FileNotFoundError:
+        raise StorageError(f"not found: {url}") from None
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(_describe(url, e)) from None
+
+
+def put_file(local_path: str | Path, url: str) -> None:
+    """Publish a finished local file at url, atomically: a reader sees the whole file or none.
+    Locally a rename in the target directory; on S3 one PUT (objects appear whole)."""
+    try:
+        if is_s3(url):
+            filesystem(url).put_file(str(local_path), url)
+        else:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(url).with_name(f".{Path(url).name}.{uuid.uuid4().hex}.tmp")
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, url)
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(_describe(url, e)) from None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile(delete=False) as tmp:
+        tmp.write(data)
+    try:
+        put_file(tmp.name, url)
+    finally:
+        os.unlink(tmp.name)
+
+
+def remove(url: str) -> None:
+    try:
+        fs = filesystem(url)
+        if fs.exists(url):
+            fs.rm(url, recursive=True)
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(_describe(url, e)) from None
+
+
+def check_writable(url: str) -> None:
+    """Fail early, with one clear line, if the destination bucket is missing or refuses writes."""
+    probe = join(url, f".write-probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    remove(probe)

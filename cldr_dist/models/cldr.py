@@ -1,0 +1,74 @@
+"""CLDR: a base DRP model (the sample side) and a text encoder (the text side) aligned CLIP-style.
+
+    sample embedding = normalise(drp(batch).embedding)         (B, 256)
+    text embedding   = normalise(text(caption, number text))   (B, 256)
+    logits           = exp(logit_scale) * sample @ text.T      (in losses/contrastive.py)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cldr_dist.config import LossConfig, ModelConfig
+from cldr_dist.data.batch import DRPBatch
+from cldr_dist.models.drp.base import build_drp
+from cldr_dist.models.text import TextEncoder
+
+DEFAULT_TEXT_BUCKETS = 4   # caption length buckets; 0 = run captions as padded (the paper)
+
+
+class CLDROutput(NamedTuple):
+    sample: torch.Tensor       # (B, D) L2-normalised sample embedding
+    text: torch.Tensor         # (B, D) L2-normalised text embedding
+    logit_scale: torch.Tensor  # () exp(logit_scale), clamped at max_logit_scale
+    prediction: torch.Tensor   # (B,) the base model's regression output in (0, 1)
+
+
+class CLDRModel(nn.Module):
+    def __init__(self, drp: nn.Module, text: TextEncoder, init_logit_scale: float,
+                 max_logit_scale: float, dedup_numbers: bool = True):
+        super().__init__()
+        self.drp = drp
+        self.text = text
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.max_logit_scale = max_logit_scale
+        self.dedup_numbers = dedup_numbers   # encode each distinct number text of a batch once
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """(K, L) number-text token ids -> (K, 128) number-tower features (not normalised);
+        zero-shot pairs them with each caption, TransE uses them as entity embeddings."""
+        return self.text.number(token_ids, lens)
+
+    def batch_number_features(self, batch: DRPBatch) -> torch.Tensor:
+        if not self.dedup_numbers:
+            return self.encode_number_texts(batch.number, batch.number_len)
+        # y clusters around 0.5: a batch of 256 holds far fewer distinct number texts
+        uniq, inverse = torch.unique(batch.number_index, return_inverse=True)
+        first = torch.empty_like(uniq).scatter_(0, inverse, torch.arange(len(inverse), device=inverse.device))
+        return self.encode_number_texts(batch.number[first], batch.number_len[first])[inverse]
+
+    def forward(self, batch: DRPBatch) -> CLDROutput:
+        prediction, sample = self.drp(batch)
+        caption = self.text.caption(batch.caption, batch.caption_len)
+        text = self.text.fuse(caption, self.batch_number_features(batch))
+        return CLDROutput(F.normalize(sample, dim=-1), F.normalize(text, dim=-1),
+                          self.scale(), prediction)
+
+    def pair_text_embeddings(self, batch: DRPBatch, number_feats: torch.Tensor) -> torch.Tensor:
+        """Every caption of the batch with every number text: (B, K, D), L2-normalised."""
+        caption = self.text.caption(batch.caption, batch.caption_len)
+        return F.normalize(self.text.fuse(caption[:, None, :], number_feats[None, :, :]), dim=-1)
+
+
+def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int,
+                num_cell_features: int, text_buckets: int = DEFAULT_TEXT_BUCKETS,
+                dedup_numbers: bool = True) -> CLDRModel:
+    drp = build_drp(model_cfg, num_cell_features)
+    text = TextEncoder(vocab_size, model_cfg, num_buckets=text_buckets)
+    return CLDRModel(drp, text, loss_cfg.init_logit_scale, loss_cfg.max_logit_scale, dedup_numbers)

@@ -1,0 +1,42 @@
+"""DeepCDR-style model (Liu et al. 2020): a GCN over the drug graph and an MLP over the cell
+line's mutation/CNA vector, fused by the shared MLP head. (DeepCDR's expression and methylation
+branches are left out: GDSC v17 here has only the 0/1 genomic features.)"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.nn import GCNConv, global_max_pool, global_mean_pool
+
+from cldr_dist.config import ModelConfig
+from cldr_dist.data.batch import DRPBatch
+from cldr_dist.models.drp.base import ATOM_FEATURE_DIM, BRANCH_DIM, FusionHead, register
+
+GCN_WIDTHS = (256, 256, 256)   # DeepCDR's GCN layer sizes
+CELL_HIDDEN = 256
+
+
+class DeepCDR(nn.Module):
+    def __init__(self, num_cell_features: int, embed_dim: int = 256, dropout: float = 0.2,
+                 atom_dim: int = ATOM_FEATURE_DIM):
+        super().__init__()
+        widths = (atom_dim, *GCN_WIDTHS)
+        self.gcns = nn.ModuleList(GCNConv(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.drug_fc = nn.Linear(2 * widths[-1], BRANCH_DIM)
+        self.cell = nn.Sequential(nn.Linear(num_cell_features, CELL_HIDDEN), nn.ReLU(),
+                                  nn.Dropout(dropout), nn.Linear(CELL_HIDDEN, BRANCH_DIM))
+        self.head = FusionHead(2 * BRANCH_DIM, embed_dim, dropout)
+
+    def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        g, h = batch.drug, batch.drug.x
+        for gcn in self.gcns:
+            h = torch.relu(gcn(h, g.edge_index))
+        h = torch.cat([global_max_pool(h, g.batch, g.num_graphs),
+                       global_mean_pool(h, g.batch, g.num_graphs)], dim=1)
+        drug = self.drug_fc(h)                  # (U, 128): unique drugs
+        cell = self.cell(batch.cell)            # (B, 128)
+        return self.head(drug[batch.drug_index], cell)
+
+
+@register("deepcdr")
+def build(cfg: ModelConfig, num_cell_features: int) -> DeepCDR:
+    return DeepCDR(num_cell_features, cfg.embed_dim, cfg.dropout)

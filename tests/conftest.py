@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny real GDSC data, a local S3 server (moto, over HTTP on 127.0.0.1),
+tiny shards, and one Ray session per test module."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "data" / "gdsc_v17" / "tiny"
+HELD_OUT = REPO / "data" / "gdsc_v17" / "drug_blind_test_drugs.txt"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_tables():
+    from cldr_dist.data.tables import load_tables
+    return load_tables(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_tables):
+    """(tokenizer, FeatureTables, caption ids per row, drug rows, cell rows) of the tiny data."""
+    from cldr_dist.data.shards import prepare
+    return prepare(tiny_tables, vocab_size=2000)
+
+
+def make_samples(tables, prepared, rows) -> list[dict]:
+    """Decoded samples, exactly as the shard reader yields them, without writing shards."""
+    from cldr_dist.data.labels import number_index, y_from_ln_ic50
+    _, _, caption_ids, drows, crows = prepared
+    resp = tables.responses
+    out = []
+    for r in rows:
+        ln = float(resp["ln_ic50"].iloc[r])
+        y = y_from_ln_ic50(ln)
+        out.append({"meta": {"cell_id": resp["cosmic_id"].iloc[r], "drug_id": resp["drug_id"].iloc[r],
+                             "cell": int(crows[r]), "drug": int(drows[r]), "y": y, "ln_ic50": ln,
+                             "number": number_index(y)},
+                    "caption": np.asarray(caption_ids[r], dtype=np.int64)})
+    return out
+
+
+@pytest.fixture
+def tiny_batch(tiny_tables, tiny_prepared):
+    """A DRPBatch of 32 real tiny-GDSC samples (several distinct drugs and cells)."""
+    from cldr_dist.data.batch import collate
+    rows = np.random.default_rng(0).choice(len(tiny_tables.responses), 32, replace=False)
+    return collate(make_samples(tiny_tables, tiny_prepared, rows), tiny_prepared[1])
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto in server mode) over HTTP on 127.0.0.1, stopped at session end.
+    Yields its endpoint URL; AWS_* variables point clients (s3fs, boto3, Ray workers) at it."""
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the local S3 server; yields s3://NAME."""
+    import uuid
+
+    import boto3
+    name = f"cldr-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Shards of the tiny data on local disk (small shards, so that splitting is exercised)."""
+    from cldr_dist.config import load_config
+    from cldr_dist.data.shards import build_shards
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    cfg = load_config(None, [f"data.data_dir={TINY}", f"data.held_out_drugs={HELD_OUT}",
+                             "data.samples_per_shard=100"])
+    build_shards(cfg, out=str(out), progress=False, log=lambda *_: None)
+    return str(out)
