@@ -12,8 +12,9 @@ How an epoch is cut (pure arithmetic on the manifest's sample counts, see `epoch
      evaluation must not run per-step collectives.
   3. A rank's batches are split into contiguous blocks, one per DataLoader worker. Each worker
      reads only its samples, shuffles them through a seeded buffer and batches them. DataLoader
-     returns worker batches round-robin, so `worker_skip` can tell each worker how many of its
-     batches a resumed rank already consumed.
+     returns worker batches round-robin, so `worker_skip` can tell, for a rank resumed after
+     start_batch batches, how many batches of each block were consumed and which block's
+     batch comes next (the resumed loader's worker 0 plays that block).
 """
 from __future__ import annotations
 
@@ -110,21 +111,20 @@ def worker_blocks(num_batches: int, num_workers: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def worker_skip(start_batch: int, blocks: list[tuple[int, int]]) -> list[int]:
-    """How many batches each worker had delivered when the rank had consumed start_batch,
-    given DataLoader's round-robin over workers that skips exhausted ones."""
+def worker_skip(start_batch: int, blocks: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """Replays DataLoader's round-robin over workers (skipping exhausted ones) for the first
+    start_batch batches. Returns how many batches each worker block had delivered, and the
+    block whose batch comes next: a resumed loader's worker 0 must play that block."""
     remaining = [b - a for a, b in blocks]
     taken = [0] * len(blocks)
-    consumed = 0
-    while consumed < start_batch and any(r > 0 for r in remaining):
-        for w in range(len(blocks)):
-            if consumed == start_batch:
-                break
-            if remaining[w] > 0:
-                remaining[w] -= 1
-                taken[w] += 1
-                consumed += 1
-    return taken
+    w = 0
+    for _ in range(start_batch):
+        while remaining[w] == 0:
+            w = (w + 1) % len(blocks)
+        remaining[w] -= 1
+        taken[w] += 1
+        w = (w + 1) % len(blocks)
+    return taken, w
 
 
 def sample_pieces(sizes: list[int], order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -227,12 +227,14 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        blocks = worker_blocks(len(self), num_workers)
+        taken, first_block = worker_skip(self.start_batch, blocks)
+        worker = (loader_worker + first_block) % num_workers
+        skip = taken[worker]
         plan = epoch_plan(self.sizes, epoch=self.epoch, seed=self.seed, world_size=self.world_size,
                           rank=self.rank, batch_size=self.batch_size, num_workers=num_workers,
                           worker=worker, drop_last=self.drop_last, shuffle=self.shuffle)
-        blocks = worker_blocks(len(self), num_workers)
-        skip = worker_skip(self.start_batch, blocks)[worker]
         samples = self._samples(plan)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])

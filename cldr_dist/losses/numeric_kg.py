@@ -1,0 +1,109 @@
+"""The numerical knowledge graph: TransE over the 1000 number texts, plus the full pretraining
+loss (kg_weight * TransE + clip_weight * CLIP).
+
+Triples are (n_i, r, n_{i+1}): "the next number". A negative corrupts the head or the tail with
+a random other number. Entity embeddings are the number tower's features of the number texts
+(L2-normalised, as TransE normalises entities), so this loss trains the text side. The relation
+r is a trained parameter; `train_relation=False` freezes it at its random init, as the original
+code (which never handed r to its optimizer) did.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cldr_dist.config import LossConfig
+from cldr_dist.data.batch import PAD_ID
+from cldr_dist.data.labels import NUM_NUMBER_TEXTS
+from cldr_dist.losses.contrastive import gathered_clip_loss
+
+RELATION_INIT_STD = 0.01     # small: the chain of 999 steps starts short
+DEFAULT_NUM_TRIPLES = 256    # triples sampled per step
+
+
+class Triples(NamedTuple):
+    head: torch.Tensor
+    tail: torch.Tensor
+    neg_head: torch.Tensor
+    neg_tail: torch.Tensor
+
+
+def sample_triples(num_triples: int, num_numbers: int = NUM_NUMBER_TEXTS,
+                   generator: torch.Generator | None = None) -> Triples:
+    head = torch.randint(0, num_numbers - 1, (num_triples,), generator=generator)
+    tail = head + 1
+    # shift by 1..num_numbers-1 (mod n) so a corrupted entity never equals the original
+    shift = torch.randint(1, num_numbers, (num_triples,), generator=generator)
+    corrupt_head = torch.rand(num_triples, generator=generator) < 0.5
+    neg_head = torch.where(corrupt_head, (head + shift) % num_numbers, head)
+    neg_tail = torch.where(corrupt_head, tail, (tail + shift) % num_numbers)
+    return Triples(head, tail, neg_head, neg_tail)
+
+
+def transe_loss(head, tail, neg_head, neg_tail, relation, margin: float) -> torch.Tensor:
+    """Margin ranking with L1 distance: positives closer than negatives by at least margin."""
+    pos = (head + relation - tail).abs().sum(-1)
+    neg = (neg_head + relation - neg_tail).abs().sum(-1)
+    return F.relu(margin + pos - neg).mean()
+
+
+class NumericKG(nn.Module):
+    def __init__(self, dim: int, margin: float = 1.0, train_relation: bool = True,
+                 num_triples: int = DEFAULT_NUM_TRIPLES, num_numbers: int = NUM_NUMBER_TEXTS):
+        super().__init__()
+        self.relation = nn.Parameter(torch.randn(dim) * RELATION_INIT_STD,
+                                     requires_grad=train_relation)
+        self.margin, self.num_triples, self.num_numbers = margin, num_triples, num_numbers
+
+    def forward(self, encode: Callable[[torch.Tensor], torch.Tensor],
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """encode: number indices (K,) -> their features (K, dim). Each distinct number text of
+        the sampled triples is encoded once."""
+        t = sample_triples(self.num_triples, self.num_numbers, generator)
+        uniq, inverse = torch.unique(torch.cat(t), return_inverse=True)
+        emb = F.normalize(encode(uniq.to(self.relation.device)), dim=-1)
+        h, tl, nh, nt = emb[inverse.to(emb.device)].view(4, self.num_triples, -1)
+        return transe_loss(h, tl, nh, nt, self.relation, self.margin)
+
+
+class NumberTexts:
+    """The 1000 number texts' token ids, padded to the longest (or to pad_to), for encoding."""
+
+    def __init__(self, tables, pad_to: int | None = None):
+        seqs = [np.asarray(tables.number_tokens(i)) for i in range(NUM_NUMBER_TEXTS)]
+        width = pad_to or max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s[:width]
+        self.ids = torch.from_numpy(ids)
+        self.lens = torch.tensor([min(len(s), width) for s in seqs])
+
+    def encoder(self, model) -> Callable[[torch.Tensor], torch.Tensor]:
+        """indices -> model.encode_number_texts of those texts."""
+        def encode(idx: torch.Tensor) -> torch.Tensor:
+            idx = idx.cpu()
+            device = model.logit_scale.device
+            return model.encode_number_texts(self.ids[idx].to(device), self.lens[idx].to(device))
+        return encode
+
+
+def pretrain_loss(model, batch, kg: NumericKG, numbers: NumberTexts, cfg: LossConfig,
+                  generator: torch.Generator | None = None):
+    """kg_weight * TransE + clip_weight * gathered CLIP. Returns (total, parts, model output)."""
+    out = model(batch)
+    clip = gathered_clip_loss(out.sample, out.text, out.logit_scale)
+    total = cfg.clip_weight * clip
+    parts = {"clip": clip.detach()}
+    if cfg.kg_weight > 0:
+        transe = kg(numbers.encoder(model), generator)
+        total = total + cfg.kg_weight * transe
+        parts["kg"] = transe.detach()
+    return total, parts, out
+
+
+def build_kg(loss_cfg: LossConfig, dim: int, num_triples: int = DEFAULT_NUM_TRIPLES) -> NumericKG:
+    return NumericKG(dim, loss_cfg.kg_margin, loss_cfg.kg_train_relation, num_triples)
