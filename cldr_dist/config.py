@@ -78,6 +78,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     init_from: str = ""             # finetune: a pretrain checkpoint URL (directory)
     deepspeed_config: str = "configs/deepspeed/zero2.json"
+    zeroshot_samples: int = 2000    # zero-shot PCC on this many val/test samples (1000 texts each)
 
 
 @dataclass
@@ -191,3 +192,13 @@ def validate(cfg: Config) -> None:
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
     need(cfg.train.lr > 0, "train.lr must be positive")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of Config.to_dict (how a config travels to Ray workers), validated again."""
+    cfg = Config()
+    for section, values in d.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value)
+    validate(cfg)
+    return cfg

@@ -33,12 +33,13 @@ class CLDRModel(nn.Module):
         super().__init__()
         self.drp = drp
         self.text = text
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
         self.max_logit_scale = max_logit_scale
         self.dedup_numbers = dedup_numbers   # encode each distinct number text of a batch once
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
 
     def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """(K, L) number-text token ids -> (K, 128) number-tower features (not normalised);

@@ -1,0 +1,103 @@
+"""The driver side: a Ray Train TorchTrainer around train_loop_per_worker.
+
+Resuming is rerunning: the same ray.name and ray.storage_path make Ray Train (V2) hand the
+latest complete checkpoint to ray.train.get_checkpoint() in every worker.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cldr_dist.config import Config, ConfigError
+from cldr_dist.data import storage
+from cldr_dist.train.loop import train_loop_per_worker
+
+# Variables the workers need from the driver's environment (S3 endpoint and credentials);
+# they travel in the runtime_env, never in logs.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "DS_ACCELERATOR", "CLDR_FAULT_AT_STEP")
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("DS_ACCELERATOR", "cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "cuda")
+    return env
+
+
+def ensure_ray(cfg: Config) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env()}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        cpus = max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1)
+        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+def storage_target(storage_path: str):
+    """(storage_path, storage_filesystem) for RunConfig: s3:// URLs go through pyarrow with the
+    configured endpoint, so a MinIO or local server works like AWS."""
+    if not storage.is_s3(storage_path):
+        return str(Path(storage_path).resolve()), None
+    import pyarrow.fs
+    endpoint = storage.endpoint()
+    kwargs = {}
+    if endpoint:
+        u = urlparse(endpoint)
+        kwargs = {"endpoint_override": u.netloc, "scheme": u.scheme or "https"}
+    fs = pyarrow.fs.S3FileSystem(region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kwargs)
+    return storage_path[len("s3://"):], fs
+
+
+def log_dir(cfg: Config) -> str:
+    base = cfg.ray.storage_path if not storage.is_s3(cfg.ray.storage_path) else "runs"
+    return str(Path(base, cfg.ray.name, "logs").resolve())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Ray workers run in their own working directory: local paths must be absolute."""
+    cfg = copy.deepcopy(cfg)
+    for section, key in (("data", "shards"), ("data", "data_dir"), ("data", "held_out_drugs"),
+                         ("train", "deepspeed_config"), ("train", "init_from")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and not storage.is_s3(value):
+            setattr(obj, key, str(Path(value).resolve()))
+    return cfg
+
+
+def preflight(cfg: Config) -> None:
+    """Fail on the driver, in one line, before any worker starts."""
+    from cldr_dist.data.reader import open_shards
+    shards = open_shards(cfg.data.shards)
+    shards.part(cfg.data.split, "train")
+    if not Path(cfg.train.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {cfg.train.deepspeed_config}")
+    if cfg.train.init_from and not storage.exists(storage.join(cfg.train.init_from, "model.pt")):
+        raise ConfigError(f"train.init_from: no model.pt in {cfg.train.init_from}")
+
+
+def run(cfg: Config):
+    """Runs (or resumes) cfg.ray.name; returns the ray.train Result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    cfg = absolute_paths(cfg)
+    preflight(cfg)
+    ensure_ray(cfg)
+    path, fs = storage_target(cfg.ray.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "log_dir": log_dir(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                               resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.ray.name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
+    )
+    return trainer.fit()
