@@ -89,6 +89,7 @@ class RayConfig:
     storage_path: str = "runs"      # local path or s3://bucket/prefix
     name: str = "demo"
     max_failures: int = 0
+    placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
     address: str = ""               # empty: a local Ray instance, "auto": the running cluster
 
 
@@ -191,6 +192,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
     need(cfg.train.lr > 0, "train.lr must be positive")
+    need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")
 
 

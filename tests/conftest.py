@@ -104,3 +104,28 @@ def tiny_shards(tmp_path_factory):
                              "data.samples_per_shard=100"])
     build_shards(cfg, out=str(out), progress=False, log=lambda *_: None)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (ray.init costs seconds); shut down after it."""
+    import ray
+
+    from cldr_dist.train.trainer import worker_env
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def train_config(shards: str, storage_path: str, name: str, *overrides: str):
+    """A small, fast training config on the tiny shards: 2 workers, ZeRO-2, gloo."""
+    from cldr_dist.config import load_config
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"data.shards={shards}", f"ray.storage_path={storage_path}", f"ray.name={name}",
+        f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+        "train.batch_size=16", "train.epochs=1", "train.log_every=1", "train.zeroshot_samples=64",
+        *overrides])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,7 +33,7 @@ from cldr_dist.models.cldr import CLDRModel, build_model
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.pt"
 DS_TAG = "deepspeed"
-FAULT_ENV = "CLDR_FAULT_AT_STEP"      # "STEP:MARKER_FILE": the last rank dies once at STEP (fault tests)
+FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the last rank dies once at STEP
 
 
 @dataclass
@@ -217,8 +218,8 @@ def evaluate(cfg: Config, shards: ShardSet, weights: dict, part: str, rank: int,
 
 # ----------------------------------------------------------------------------- the loop
 
-def _fault_injection(step: int, rank: int, world: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
+def _fault_injection(spec: str | None, step: int, rank: int, world: int) -> None:
+    """The fault tests' hook: kill this worker process once, abruptly, at a given step."""
     if not spec or rank != world - 1:
         return
     at, marker = spec.split(":", 1)
@@ -241,6 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise here
     cfg = config_from_dict(config["cfg"])
     log_dir = config.get("log_dir")
     ctx = ray.train.get_context()
@@ -303,7 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
             if state.batch % accum:
                 continue
             state.step += 1
-            _fault_injection(state.step, rank, world)
+            _fault_injection(config.get("fault"), state.step, rank, world)
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 values = _mean_over_ranks({"loss": loss, **parts}, world)
                 values["lr"] = optimizer.param_groups[0]["lr"]

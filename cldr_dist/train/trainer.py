@@ -12,12 +12,12 @@ from urllib.parse import urlparse
 
 from cldr_dist.config import Config, ConfigError
 from cldr_dist.data import storage
-from cldr_dist.train.loop import train_loop_per_worker
+from cldr_dist.train.loop import FAULT_ENV, train_loop_per_worker
 
 # Variables the workers need from the driver's environment (S3 endpoint and credentials);
 # they travel in the runtime_env, never in logs.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "DS_ACCELERATOR", "CLDR_FAULT_AT_STEP")
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "DS_ACCELERATOR")
 
 
 def worker_env() -> dict[str, str]:
@@ -91,10 +91,11 @@ def run(cfg: Config):
     path, fs = storage_target(cfg.ray.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "log_dir": log_dir(cfg)},
+        train_loop_config={"cfg": cfg.to_dict(), "log_dir": log_dir(cfg), "fault": os.environ.get(FAULT_ENV)},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                               resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                                               placement_strategy=cfg.ray.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.ray.name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
