@@ -25,6 +25,7 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cldr_dist.data import storage
@@ -254,7 +255,9 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """batch_size=None: the stream batches itself, so DataLoader only moves batches across."""
+    """batch_size=None: the stream batches itself, so DataLoader only moves batches across.
+    The loader draws its worker seeds from its own generator: drawing from the global one would
+    shift every later dropout mask, and a resumed run would no longer match an unbroken one."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       multiprocessing_context="fork" if num_workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(stream.seed))
