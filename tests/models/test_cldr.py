@@ -6,7 +6,7 @@ import torch
 from cldr_dist.config import LossConfig, ModelConfig
 from cldr_dist.data.batch import collate
 from cldr_dist.models.cldr import build_model
-from tests.conftest import make_samples
+from conftest import make_samples
 
 
 def _model(prepared, **kw):

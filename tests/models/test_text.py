@@ -5,7 +5,7 @@ import torch
 from cldr_dist.config import ModelConfig
 from cldr_dist.data.batch import collate
 from cldr_dist.models.text import TextEncoder, TextTower
-from tests.conftest import make_samples
+from conftest import make_samples
 
 
 def _batches(tables, prepared, n=24):
