@@ -67,7 +67,7 @@ def timed_submit(cmd: list[str], env: dict, timeout: float) -> tuple[dict[str, f
     try:
         for line in proc.stdout:
             now = time.perf_counter() - t0
-            lines.append(line.rstrip())
+            lines.append(f"{now:7.1f} {line.rstrip()}")
             for mark, pattern in MARKS.items():
                 if mark not in marks and pattern.search(line):
                     marks[mark] = now
@@ -83,6 +83,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs on the same head (the first is cold)")
     p.add_argument("--steps", type=int, default=3, help="train.max_steps of each run")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    p.add_argument("--log", help="write each run's stamped job log here (RUN.log appended)")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -107,6 +108,8 @@ def main() -> int:
             load = os.getloadavg()[0]
             cmd = submit_command(head, shards, f"s3://{bucket}/runs", f"bench{i}", args.steps)
             marks, rc, lines = timed_submit(cmd, head.client_env, args.timeout)
+            if args.log:
+                Path(f"{args.log}.{i + 1}.log").write_text("\n".join(lines) + "\n")
             if rc != 0 or "step1" not in marks:
                 print("\n".join(lines[-60:]), file=sys.stderr)
                 raise SystemExit(f"run {i}: ray job submit exited {rc}; marks {marks}")

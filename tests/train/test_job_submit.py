@@ -32,6 +32,14 @@ def test_job_py_dry_run_builds_the_submit_command():
     assert not any(k.startswith("AWS_") for k in renv["env_vars"])  # nothing secret by default
 
 
+def test_cluster_yaml_follows_the_autoscaler_schema():
+    import yaml
+    from ray.autoscaler._private.util import validate_config
+    cfg = yaml.safe_load((REPO / "launch" / "cluster.yaml").read_text())
+    validate_config(cfg)  # jsonschema of Ray's cluster launcher; raises on an unknown or bad key
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+
+
 def _ray(head, *args, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run([launch_job.ray_cli(), *args], cwd=REPO, env=head.client_env, text=True,
                           capture_output=True, timeout=timeout)
@@ -56,7 +64,7 @@ def test_pretrain_as_ray_job_checkpoints_to_s3(s3_bucket):
              f"data.shards={shards}", f"ray.storage_path={s3_bucket}/runs", "ray.name=jobtest",
              "train.epochs=1", "train.max_steps=2", "train.batch_size=16", "train.log_every=1",
              "train.zeroshot_samples=64", "ray.num_workers=2", "ray.cpus_per_worker=1"],
-            cwd=REPO, env=head.client_env, capture_output=True, text=True, timeout=240)
+            cwd=REPO, env=head.client_env, capture_output=True, text=True, timeout=540)
         logs = submit.stdout + submit.stderr
         status = _ray(head, "job", "status", "--address", head.address, job_id)
         assert "SUCCEEDED" in status.stdout + status.stderr, logs[-6000:]
