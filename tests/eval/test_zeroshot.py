@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from cldr_dist.config import LossConfig, ModelConfig
@@ -38,7 +39,16 @@ def test_zeroshot_predicts_number_grid(tiny_batch, tiny_prepared):
     np.testing.assert_allclose(y_pred * 1000, np.round(y_pred * 1000), atol=1e-6)
 
 
-def test_short_pretraining_lowers_clip_loss_and_helps_zeroshot(tiny_tables, tiny_prepared):
+@pytest.fixture
+def one_thread():
+    """On a shared 2-core machine, 2 OpenMP threads spin-wait each other into a 10x slowdown."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_short_pretraining_lowers_clip_loss_and_helps_zeroshot(tiny_tables, tiny_prepared, one_thread):
     cfg = PRETRAIN
     rows = np.random.default_rng(cfg["seed"]).permutation(len(tiny_tables.responses))
     batches = [collate(make_samples(tiny_tables, tiny_prepared, rows[i:i + cfg["batch"]]), tiny_prepared[1])

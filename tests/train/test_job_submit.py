@@ -45,6 +45,9 @@ def _ray(head, *args, timeout=60) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=timeout)
 
 
+# ~3.5 min measured on the shared 2-core machine (load average 7-12: head start ~25 s, job ~170 s);
+# expected ~70-80 s on an idle one (DESIGN.md section 4). `make test-all` runs it.
+@pytest.mark.slow
 def test_pretrain_as_ray_job_checkpoints_to_s3(s3_bucket):
     import boto3
     t0 = time.time()
@@ -67,7 +70,8 @@ def test_pretrain_as_ray_job_checkpoints_to_s3(s3_bucket):
             cwd=REPO, env=head.client_env, capture_output=True, text=True, timeout=540)
         logs = submit.stdout + submit.stderr
         status = _ray(head, "job", "status", "--address", head.address, job_id)
-        assert "SUCCEEDED" in status.stdout + status.stderr, logs[-6000:]
+        said = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+        assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in said, said + logs[-6000:]
         assert re.search(r"\[pretrain\] epoch 1/1 step 2/2", logs), logs[-6000:]
     finally:
         head.stop()
