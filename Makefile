@@ -36,16 +36,18 @@ shards-tiny: setup
 demo: setup shards-tiny
 	$(PY) -m cldr_dist.demo --config configs/demo.yaml
 
-# pytest exits 5 when it collects nothing; that is a failure here too, never a silent pass
+# One BLAS thread per process: with 2 cores shared by Ray workers, two threads each mostly wait.
+# pytest exits 5 when it collects nothing; that is a failure here too, never a silent pass.
 test: setup
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 test-all: setup
-	$(PY) -m pytest -q -m "" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "" tests
 
 bench: setup
 	$(PY) benchmarks/bench_shards.py --data $(DATA)
 	$(PY) benchmarks/bench_models.py --quick
+	$(PY) benchmarks/bench_job_submit.py --repeat 1
 
 clean:
 	rm -rf shards/tiny shards/gdsc_v17 runs .pytest_cache

@@ -50,6 +50,8 @@ class ModelConfig:
     number_context: int = 100
     caption_pad_to: int = 0         # 0 pads to the longest caption in the batch; 300 = the paper
     number_pad_to: int = 0          # 0 pads to the longest number text; 100 = the paper
+    text_buckets: int = 4           # caption length buckets per batch; 0 runs captions as padded (the paper)
+    dedup_numbers: bool = True      # encode each distinct number text of a batch once
 
 
 @dataclass
@@ -58,6 +60,7 @@ class LossConfig:
     kg_weight: float = 0.1
     kg_margin: float = 1.0
     kg_train_relation: bool = True  # False reproduces the original code's frozen relation vector
+    kg_triples: int = 256           # TransE triples (and as many corrupted ones) per step
     init_logit_scale: float = 2.659260036932778   # log(1 / 0.07)
     max_logit_scale: float = 100.0
 

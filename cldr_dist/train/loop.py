@@ -51,7 +51,8 @@ class TrainState:
 
 def make_model(cfg: Config, shards: ShardSet) -> CLDRModel:
     return build_model(cfg.model, cfg.loss, vocab_size=shards.manifest["tokenizer"]["vocab_size"],
-                       num_cell_features=shards.features.num_cell_features)
+                       num_cell_features=shards.features.num_cell_features,
+                       text_buckets=cfg.model.text_buckets, dedup_numbers=cfg.model.dedup_numbers)
 
 
 def build_objective(cfg: Config, shards: ShardSet, rank: int) -> torch.nn.Module:

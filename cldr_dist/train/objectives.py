@@ -19,7 +19,7 @@ class PretrainObjective(nn.Module):
     def __init__(self, model: CLDRModel, numbers: NumberTexts, loss_cfg: LossConfig, seed: int):
         super().__init__()
         self.model = model
-        self.kg = build_kg(loss_cfg, TOWER_DIM)
+        self.kg = build_kg(loss_cfg, TOWER_DIM, num_triples=loss_cfg.kg_triples)
         self.numbers, self.loss_cfg = numbers, loss_cfg
         # TransE's corrupted triples come from their own generator, saved in checkpoints
         self.generator = torch.Generator().manual_seed(seed)

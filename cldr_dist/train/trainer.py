@@ -30,7 +30,10 @@ def ensure_ray(cfg: Config) -> None:
     import ray
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env()}
+    # Inside a Ray Job the job's runtime_env already reaches the workers, and Ray refuses to
+    # merge a driver env var the job also sets.
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    runtime_env = None if in_job else {"env_vars": worker_env()}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
     else:

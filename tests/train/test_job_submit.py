@@ -45,9 +45,8 @@ def _ray(head, *args, timeout=60) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=timeout)
 
 
-# ~3.5 min measured on the shared 2-core machine (load average 7-12: head start ~25 s, job ~170 s);
-# expected ~70-80 s on an idle one (DESIGN.md section 4). `make test-all` runs it.
-@pytest.mark.slow
+# 98 s on the shared 2-core machine at load average ~5-8 (3.5 min at load 10-12, when other
+# runs compete for the 2 cores): head start ~25 s, job ~70 s, head stop ~5 s.
 def test_pretrain_as_ray_job_checkpoints_to_s3(s3_bucket):
     import boto3
     t0 = time.time()
@@ -80,7 +79,7 @@ def test_pretrain_as_ray_job_checkpoints_to_s3(s3_bucket):
     bucket = s3_bucket[len("s3://"):]
     keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix="runs/jobtest/") for o in page.get("Contents", [])]
-    checkpoints = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_")}
+    checkpoints = {k.split("/")[2] for k in keys if k.count("/") >= 3 and k.split("/")[2].startswith("checkpoint_")}
     assert checkpoints, keys
     last = sorted(checkpoints)[-1]
     for name in ("model.pt", "trainer_state.json"):
