@@ -134,8 +134,10 @@ class RunLog:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(engine, objective, state: TrainState, rank: int, metrics: dict) -> None:
+def save_checkpoint(engine, objective, state: TrainState, rank: int, metrics: dict, log: RunLog) -> dict:
+    """Writes and reports one checkpoint; returns the seconds it took and the MiB rank 0 wrote."""
     import ray.train
+    t0 = time.time()
     weights = full_state_dict(engine)
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG)
@@ -146,7 +148,11 @@ def save_checkpoint(engine, objective, state: TrainState, rank: int, metrics: di
         if rank == 0:
             torch.save(weights, Path(d) / MODEL_FILE)
             Path(d, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        size_mb = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) / 2**20
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    seconds = time.time() - t0
+    log.line(f"checkpoint at step {state.step}: {size_mb:.1f} MiB from this rank, {seconds:.1f}s")
+    return {"checkpoint_s": seconds, "checkpoint_mb": size_mb}
 
 
 def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, digest: str, log: RunLog) -> TrainState:
@@ -261,9 +267,12 @@ def train_loop_per_worker(config: dict) -> None:
                                       config=deepspeed_config(cfg.train, cfg.ray.use_gpu))
     digest = cfg.digest()
     state = TrainState(world_size=world, config_digest=digest)
+    timings: dict[str, float] = {}  # last checkpoint save / restore, carried into the metrics
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        t0 = time.time()
         state = restore_checkpoint(engine, objective, checkpoint, rank, world, digest, log)
+        timings["restore_s"] = time.time() - t0
 
     stream = ShardStream(shards, cfg.data.split, "train", batch_size=cfg.train.batch_size, rank=rank,
                          world_size=world, seed=cfg.data.seed, shuffle=True, drop_last=True,
@@ -315,12 +324,12 @@ def train_loop_per_worker(config: dict) -> None:
                 log.scalars(state.epoch, state.step, values)
                 log.line(f"epoch {state.epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} "
                          + " ".join(f"{k} {v:.4g}" for k, v in values.items()))
-                state.metrics = {"step": state.step, "epoch": state.epoch, **values}
+                state.metrics = {"step": state.step, "epoch": state.epoch, **values, **timings}
                 ray.train.report(state.metrics)
             if state.step >= total_steps or state.batch >= epoch_batches:
                 break
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(engine, objective, state, rank, state.metrics)
+                timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
         if state.batch >= epoch_batches:  # the epoch ran to its end
             state.epoch, state.batch = state.epoch + 1, 0
             epoch_metrics = end_of_epoch_metrics()
@@ -329,7 +338,7 @@ def train_loop_per_worker(config: dict) -> None:
             log.line(f"end of epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()
                                                                if k.startswith(("val_pcc", "val_mse", "val_zero", "best_test_pcc"))))
             if state.step < total_steps:
-                save_checkpoint(engine, objective, state, rank, state.metrics)
+                timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
 
     weights = full_state_dict(engine)
     final = evaluate(cfg, shards, weights, "test", rank, world, zero_shot)
@@ -337,4 +346,4 @@ def train_loop_per_worker(config: dict) -> None:
     state.metrics["done"] = True
     log.scalars(state.epoch, state.step, final)
     log.line("test: " + " ".join(f"{k} {v:.4g}" for k, v in final.items()))
-    save_checkpoint(engine, objective, state, rank, state.metrics)
+    timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
