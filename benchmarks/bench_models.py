@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,8 +24,7 @@ import torch.nn.functional as F
 
 from cldr_dist.config import LossConfig, ModelConfig
 from cldr_dist.data.batch import collate
-from cldr_dist.data.labels import number_index, y_from_ln_ic50
-from cldr_dist.data.shards import prepare
+from cldr_dist.data.shards import decoded_samples, prepare
 from cldr_dist.data.tables import load_tables
 from cldr_dist.losses.contrastive import clip_loss
 from cldr_dist.losses.numeric_kg import NumberTexts, build_kg, pretrain_loss
@@ -42,16 +40,7 @@ SEED = 0
 
 def samples(tables, prepared, rows) -> list[dict]:
     _, _, caption_ids, drows, crows = prepared
-    resp = tables.responses
-    out = []
-    for r in rows:
-        ln = float(resp["ln_ic50"].iloc[r])
-        y = y_from_ln_ic50(ln)
-        out.append({"meta": {"cell_id": str(resp["cosmic_id"].iloc[r]), "drug_id": str(resp["drug_id"].iloc[r]),
-                             "cell": int(crows[r]), "drug": int(drows[r]), "y": y, "ln_ic50": ln,
-                             "number": number_index(y)},
-                    "caption": np.asarray(caption_ids[r], dtype=np.int64)})
-    return out
+    return [s for _, s in decoded_samples(tables, rows, caption_ids, drows, crows)]
 
 
 def timed(step, batches, repeats: int) -> float:

@@ -30,18 +30,9 @@ def tiny_prepared(tiny_tables):
 
 def make_samples(tables, prepared, rows) -> list[dict]:
     """Decoded samples, exactly as the shard reader yields them, without writing shards."""
-    from cldr_dist.data.labels import number_index, y_from_ln_ic50
+    from cldr_dist.data.shards import decoded_samples
     _, _, caption_ids, drows, crows = prepared
-    resp = tables.responses
-    out = []
-    for r in rows:
-        ln = float(resp["ln_ic50"].iloc[r])
-        y = y_from_ln_ic50(ln)
-        out.append({"meta": {"cell_id": resp["cosmic_id"].iloc[r], "drug_id": resp["drug_id"].iloc[r],
-                             "cell": int(crows[r]), "drug": int(drows[r]), "y": y, "ln_ic50": ln,
-                             "number": number_index(y)},
-                    "caption": np.asarray(caption_ids[r], dtype=np.int64)})
-    return out
+    return [s for _, s in decoded_samples(tables, rows, caption_ids, drows, crows)]
 
 
 @pytest.fixture

@@ -73,18 +73,25 @@ def prepare(tables: GDSCTables, vocab_size: int):
     return tokenizer, features, caption_ids, drows, crows
 
 
-def sample_records(tables: GDSCTables, rows: np.ndarray, caption_ids, drows, crows,
-                   split: str, part: str, token_dtype):
+def decoded_samples(tables: GDSCTables, rows, caption_ids, drows, crows, split: str = "", part: str = ""):
+    """Samples as the reader yields them ({"meta": dict, "caption": token ids}), straight from
+    the tables: what the shards hold, and what tests and benchmarks batch without shards."""
     resp = tables.responses
     ln = resp["ln_ic50"].to_numpy()
     cell_ids, drug_ids = resp["cosmic_id"].to_numpy(), resp["drug_id"].to_numpy()
     for r in rows:
         y = y_from_ln_ic50(float(ln[r]))
-        meta = {"cell_id": cell_ids[r], "drug_id": drug_ids[r], "cell": int(crows[r]),
+        meta = {"cell_id": str(cell_ids[r]), "drug_id": str(drug_ids[r]), "cell": int(crows[r]),
                 "drug": int(drows[r]), "y": y, "ln_ic50": float(ln[r]), "number": number_index(y),
                 "split": split, "part": part}
-        yield {"__key__": f"{r:09d}", "json": json.dumps(meta).encode(),
-               "caption.npy": npy_bytes(np.asarray(caption_ids[r], dtype=token_dtype))}
+        yield r, {"meta": meta, "caption": np.asarray(caption_ids[r], dtype=np.int64)}
+
+
+def sample_records(tables: GDSCTables, rows: np.ndarray, caption_ids, drows, crows,
+                   split: str, part: str, token_dtype):
+    for r, s in decoded_samples(tables, rows, caption_ids, drows, crows, split, part):
+        yield {"__key__": f"{r:09d}", "json": json.dumps(s["meta"]).encode(),
+               "caption.npy": npy_bytes(s["caption"].astype(token_dtype))}
 
 
 def write_shard(records: list[dict], url: str, tmpdir: str) -> dict:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cldr_dist.config import Config, LossConfig, ModelConfig, TrainConfig, config_from_dict
+from cldr_dist.config import Config, TrainConfig, config_from_dict
 from cldr_dist.data import storage
-from cldr_dist.data.reader import ShardSet, ShardStream, batches_per_epoch, make_loader, open_shards
+from cldr_dist.data.reader import ShardSet, ShardStream, make_loader, open_shards
 from cldr_dist.eval.metrics import all_metrics
 from cldr_dist.models.cldr import CLDRModel, build_model
 

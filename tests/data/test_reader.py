@@ -4,11 +4,9 @@ import collections
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cldr_dist.config import load_config
-from cldr_dist.data import storage
 from cldr_dist.data.reader import (ShardError, ShardStream, epoch_plan, make_loader, open_shards,
                                    worker_blocks, worker_skip)
 from cldr_dist.data.shards import build_shards
