@@ -21,6 +21,10 @@ RESPONSE_COLUMNS = ["cosmic_id", "drug_id", "ln_ic50"]
 DRUG_COLUMNS = ["drug_id", "name", "smiles"]
 CELL_META_COLUMNS = ["cosmic_id", "name", "tissue", "msi"]
 CELL_IGNORED_COLUMNS = ["tissue", "msi"]  # metadata, not model inputs
+# Limits that keep absurd input from hanging RDKit or overflowing the label. The largest GDSC
+# SMILES has under 300 characters and |ln_ic50| stays under 13; y saturates well before 50.
+MAX_SMILES_CHARS = 2000
+MAX_ABS_LN_IC50 = 50.0
 
 
 class DataError(Exception):
@@ -84,7 +88,8 @@ def _first_occurrence(keys: pd.Series) -> np.ndarray:
     return ~keys.duplicated(keep="first").to_numpy()
 
 
-def load_tables(data_dir: str | Path) -> GDSCTables:
+def load_tables(data_dir: str | Path, max_smiles_chars: int = MAX_SMILES_CHARS,
+                max_abs_ln_ic50: float = MAX_ABS_LN_IC50) -> GDSCTables:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory not found: {data_dir}")
@@ -107,6 +112,10 @@ def load_tables(data_dir: str | Path) -> GDSCTables:
         row = drugs_df.iloc[i]
         if not row["drug_id"]:
             reject(paths["drugs"], np.arange(len(drugs_df)) == i, "empty drug_id")
+            continue
+        if len(row["smiles"]) > max_smiles_chars:
+            reject(paths["drugs"], np.arange(len(drugs_df)) == i,
+                   f"SMILES of {len(row['smiles'])} characters (limit {max_smiles_chars})")
             continue
         try:
             atoms, edges = smiles_to_graph(row["smiles"])
@@ -136,8 +145,10 @@ def load_tables(data_dir: str | Path) -> GDSCTables:
 
     # responses: numeric finite ln_ic50, known ids, one row per pair
     ln = pd.to_numeric(responses["ln_ic50"], errors="coerce").to_numpy(dtype=np.float64)
-    ok_value = np.isfinite(ln)
-    reject(paths["responses"], ~ok_value, "missing or non-numeric ln_ic50")
+    numeric = np.isfinite(ln)
+    reject(paths["responses"], ~numeric, "missing or non-numeric ln_ic50")
+    ok_value = numeric & (np.abs(np.nan_to_num(ln)) <= max_abs_ln_ic50)
+    reject(paths["responses"], numeric & ~ok_value, f"ln_ic50 beyond +-{max_abs_ln_ic50:g}")
     known_drug = responses["drug_id"].isin({d.drug_id for d in drugs}).to_numpy()
     known_cell = responses["cosmic_id"].isin(set(cell_ids)).to_numpy()
     reject(paths["responses"], ok_value & ~known_drug,
