@@ -124,5 +124,8 @@ def remove(url: str) -> None:
 def check_writable(url: str) -> None:
     """Fail early, with one clear line, if the destination bucket is missing or refuses writes."""
     probe = join(url, f".write-probe-{uuid.uuid4().hex}")
-    write_bytes(probe, b"")
-    remove(probe)
+    try:
+        write_bytes(probe, b"")
+        remove(probe)
+    except StorageError as e:
+        raise StorageError(f"cannot write to {url}: {str(e).split(': ', 1)[-1]}") from None
