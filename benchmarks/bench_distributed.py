@@ -138,7 +138,7 @@ def s3_checkpoint_sizes(endpoint: str, bucket: str, prefix: str) -> dict[str, fl
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix.rstrip("/")) + 1:].split("/")
-            if rel[0].startswith("checkpoint"):
+            if len(rel) > 1 and rel[0].startswith("checkpoint"):
                 sizes[rel[0]] = sizes.get(rel[0], 0) + obj["Size"]
     return {k: round(v / 2**20, 2) for k, v in sorted(sizes.items())}
 
@@ -198,19 +198,25 @@ def main(argv=None) -> int:
 
     try:
         ref_threads = [int(t) for t in args.ref_threads.split(",") if t]
-        for mode in modes:
+
+        def reference(mode: str, when: str) -> None:
+            """Reference runs right before and right after the distributed run they are compared
+            with (the load of a shared machine drifts): overhead uses their mean."""
             entry = report["throughput"].setdefault(mode, {"reference": [], "distributed": {}})
             ref_cfg = make_config(shards, str(work / "runs"), f"ref-{mode}", f"train.mode={mode}",
                                   f"train.batch_size={2 * B}", f"train.max_steps={2 * W}", f"train.log_every={W}")
             for threads in ref_threads:
-                r = reference_window(ref_cfg, W, threads)
+                r = {"when": when, **reference_window(ref_cfg, W, threads)}
                 entry["reference"].append(r)
-                print(f"[bench] reference {mode} {threads} thread(s): {r['samples_per_s']:.1f} samples/s "
+                print(f"[bench] reference {mode} ({when}) {threads} thread(s): {r['samples_per_s']:.1f} samples/s "
                       f"(load {r['loadavg'][0]})", flush=True)
                 save()
 
         # Pretrain at ZeRO 1/2/3, each with a mid-run checkpoint to S3, then a resume.
+        stages.sort(key=lambda st: st != 2)  # ZeRO-2 first: the pretrain comparison, bracketed by references
         for stage in stages:
+            if stage == 2 and "pretrain" in modes:
+                reference("pretrain", "before")
             name = f"bench-z{stage}-{tag}"
             storage_path = f"s3://{bucket}/runs"
             cfg_a = make_config(shards, storage_path, name, "train.mode=pretrain", f"train.batch_size={B}",
@@ -219,6 +225,8 @@ def main(argv=None) -> int:
             metrics_a, wall_a, la_a = fit(cfg_a)
             sps = csv_metric(cfg_a, "samples_per_s", 2 * W)
             sizes = s3_checkpoint_sizes(endpoint, bucket, f"runs/{name}")
+            if stage == 2 and "pretrain" in modes:
+                reference("pretrain", "after")
             cfg_b = make_config(shards, storage_path, name, "train.mode=pretrain", f"train.batch_size={B}",
                                 f"train.deepspeed_config={ZERO[stage]}", f"train.max_steps={3 * W + 1}",
                                 f"train.log_every={W}", f"train.checkpoint_every={2 * W}")
@@ -229,7 +237,7 @@ def main(argv=None) -> int:
                 "resumed_to_step": metrics_b.get("step"), "fit_wall_s": round(wall_a, 1),
                 "resume_fit_wall_s": round(wall_b, 1), "loadavg": la_a, "loadavg_resume": la_b}
             if "pretrain" in modes:
-                report["throughput"]["pretrain"]["distributed"][f"zero{stage}"] = {
+                report["throughput"].setdefault("pretrain", {"reference": [], "distributed": {}})["distributed"][f"zero{stage}"] = {
                     "samples_per_s": sps, "fit_wall_s": round(wall_a, 1), "loadavg": la_a}
             print(f"[bench] ZeRO-{stage}: pretrain {sps} samples/s, checkpoint {metrics_a.get('checkpoint_s')} s "
                   f"{metrics_a.get('checkpoint_mb')} MiB (rank 0), S3 {sizes}, restore {metrics_b.get('restore_s')} s",
@@ -241,8 +249,10 @@ def main(argv=None) -> int:
                 continue
             cfg = make_config(shards, str(work / "runs"), f"bench-{mode}-{tag}", f"train.mode={mode}",
                               f"train.batch_size={B}", f"train.max_steps={2 * W}", f"train.log_every={W}")
+            reference(mode, "before")
             metrics, wall, la = fit(cfg)
             sps = csv_metric(cfg, "samples_per_s", 2 * W)
+            reference(mode, "after")
             report["throughput"][mode]["distributed"]["zero2"] = {
                 "samples_per_s": sps, "last_window_metric": metrics.get("samples_per_s"),
                 "fit_wall_s": round(wall, 1), "loadavg": la}
@@ -252,8 +262,12 @@ def main(argv=None) -> int:
         for mode, entry in report["throughput"].items():
             dist_sps = (entry["distributed"].get("zero2") or {}).get("samples_per_s")
             if dist_sps:
-                entry["overhead_vs_reference"] = {f"{r['threads']}_thread": round(1 - dist_sps / r["samples_per_s"], 3)
-                                                  for r in entry["reference"]}
+                for threads in ref_threads:
+                    runs = [r["samples_per_s"] for r in entry["reference"] if r["threads"] == threads]
+                    if runs:
+                        ref_sps = sum(runs) / len(runs)
+                        entry.setdefault("reference_mean", {})[f"{threads}_thread"] = round(ref_sps, 2)
+                        entry.setdefault("overhead_vs_reference", {})[f"{threads}_thread"] = round(1 - dist_sps / ref_sps, 3)
     finally:
         report["machine"]["loadavg_end"] = loadavg()
         save()

@@ -244,12 +244,23 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, f
     return {k: float(v) for k, v in zip(keys, t)}
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report with its full metrics dict at INFO, once per worker: with a
+    report every log_every steps that buries the progress lines."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)  # that module logs by file name
+    except ImportError:
+        pass
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise here
+    _quiet_ray_train_reports()
     cfg = config_from_dict(config["cfg"])
     log_dir = config.get("log_dir")
     ctx = ray.train.get_context()
