@@ -18,10 +18,12 @@ How an epoch is cut (pure arithmetic on the manifest's sample counts, see `epoch
 """
 from __future__ import annotations
 
+import ast
+import gzip
 import hashlib
-import io
 import json
-import tarfile
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,27 +157,74 @@ def epoch_plan(sizes: list[int], *, epoch: int, seed: int, world_size: int, rank
 
 # ----------------------------------------------------------------------------- reading
 
+TAR_BLOCK = 512
+
+
+def tar_members(data: bytes):
+    """(name, payload) of each regular file in an uncompressed ustar archive. Our shards are
+    written as plain ustar (no pax/GNU long names), so a header is 512 bytes with the name at
+    0:100 and the octal size at 124:136; parsing that directly is ~10x faster than tarfile."""
+    view, pos, n = memoryview(data), 0, len(data)
+    while pos + TAR_BLOCK <= n:
+        header = data[pos:pos + TAR_BLOCK]
+        if header[0] == 0:  # end-of-archive blocks
+            return
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ShardError(f"corrupt tar header at byte {pos}") from None
+        name = header[:100].rstrip(b"\0").decode()
+        start = pos + TAR_BLOCK
+        if start + size > n:
+            raise ShardError(f"truncated tar member {name!r}")
+        if header[156:157] in (b"0", b"\0"):
+            yield name, view[start:start + size]
+        pos = start + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
 def iter_shard_samples(data: bytes, first: int, end: int):
     """Decoded samples first..end-1 of one shard (a .tar.gz of {key}.json + {key}.caption.npy)."""
+    try:
+        raw = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ShardError(f"not a readable gzip stream ({e})") from None
     index, current, parts = -1, None, {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key != current:
-                if parts and first <= index < end:
-                    yield _decode(parts)
-                index, current, parts = index + 1, key, {}
-                if index >= end:
-                    return
-            if first <= index < end:
-                parts[ext] = tar.extractfile(member).read()
-        if parts and first <= index < end:
-            yield _decode(parts)
+    for name, payload in tar_members(raw):
+        key, _, ext = name.partition(".")
+        if key != current:
+            if parts and first <= index < end:
+                yield _decode(parts)
+            index, current, parts = index + 1, key, {}
+            if index >= end:
+                return
+        if first <= index < end:
+            parts[ext] = payload
+    if parts and first <= index < end:
+        yield _decode(parts)
+
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple]] = {}
+
+
+def npy_array(buf) -> np.ndarray:
+    """An .npy payload as an array, without np.load's per-call header parsing: the few distinct
+    headers (one per caption length) are parsed once and cached."""
+    b = bytes(buf[:12])
+    if b[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy payload")
+    hlen, start = (struct.unpack("<H", b[8:10])[0], 10) if b[6] == 1 else (struct.unpack("<I", b[8:12])[0], 12)
+    header = bytes(buf[start:start + hlen])
+    if header not in _NPY_HEADERS:
+        d = ast.literal_eval(header.decode("latin1"))
+        if d["fortran_order"] or np.dtype(d["descr"]).hasobject:
+            raise ValueError("unsupported .npy payload (object or Fortran order)")
+        _NPY_HEADERS[header] = (np.dtype(d["descr"]), tuple(d["shape"]))
+    dtype, shape = _NPY_HEADERS[header]
+    return np.frombuffer(buf, dtype=dtype, offset=start + hlen, count=int(np.prod(shape))).reshape(shape)
 
 
 def _decode(parts: dict) -> dict:
-    return {"meta": json.loads(parts["json"]),
-            "caption": np.load(io.BytesIO(parts["caption.npy"]), allow_pickle=False).astype(np.int64)}
+    return {"meta": json.loads(bytes(parts["json"])), "caption": npy_array(parts["caption.npy"]).astype(np.int64)}
 
 
 def buffered_shuffle(samples, buffer_size: int, rng: np.random.Generator):
@@ -223,7 +272,7 @@ class ShardStream(IterableDataset):
                 _checked(self.urls[shard], data, self.sha256[shard])
             try:
                 yield from iter_shard_samples(data, first, end)
-            except (tarfile.TarError, EOFError, OSError, KeyError, ValueError) as e:
+            except (EOFError, OSError, KeyError, ValueError, UnicodeDecodeError) as e:
                 raise ShardError(f"{self.urls[shard]}: unreadable sample ({type(e).__name__}: {e})") from None
 
     def __iter__(self):

@@ -341,6 +341,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
+                window_t, window_samples = time.time(), 0  # samples/s measures training only
         if state.batch >= epoch_batches:  # the epoch ran to its end
             state.epoch, state.batch = state.epoch + 1, 0
             epoch_metrics = end_of_epoch_metrics()
@@ -350,6 +351,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                                if k.startswith(("val_pcc", "val_mse", "val_zero", "best_test_pcc"))))
             if state.step < total_steps:
                 timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
+            window_t, window_samples = time.time(), 0
 
     weights = full_state_dict(engine)
     final = evaluate(cfg, shards, weights, "test", rank, world, zero_shot)
