@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +30,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"S3 server did not open port {port}")
 
 
 def read_throughput(url: str, split: str, part: str, batch: int, max_samples: int) -> dict:
@@ -69,15 +80,19 @@ def main() -> None:
     p.add_argument("--data", default=str(REPO / "data" / "gdsc_v17"))
     p.add_argument("--samples", type=int, default=50000, help="samples per throughput measurement")
     p.add_argument("--out", default="")
+    p.add_argument("--shards", default="", help="read these local shards instead of building (skips the build timing)")
     args = p.parse_args()
     out: dict = {"data": args.data, "cores": os.cpu_count()}
     cfg = load_config(None, [f"data.data_dir={args.data}",
                              f"data.held_out_drugs={REPO / 'data/gdsc_v17/drug_blind_test_drugs.txt'}"])
     with tempfile.TemporaryDirectory() as tmp:
-        local = str(Path(tmp) / "shards")
-        t0 = time.perf_counter()
-        manifest = build_shards(cfg, out=local, progress=False)
-        out["shards_wall_s"] = time.perf_counter() - t0
+        local = args.shards or str(Path(tmp) / "shards")
+        if args.shards:
+            manifest = json.loads((Path(local) / "manifest.json").read_text())
+        else:
+            t0 = time.perf_counter()
+            manifest = build_shards(cfg, out=local, progress=False)
+            out["shards_wall_s"] = time.perf_counter() - t0
         total = sum(p["num_samples"] for s in manifest["splits"].values() for p in s.values())
         shard_bytes = sum(sh["bytes"] for s in manifest["splits"].values() for p in s.values() for sh in p["shards"])
         out["samples_written"] = total
@@ -85,10 +100,12 @@ def main() -> None:
         out["features_bytes"] = manifest["features"]["bytes"]
         out["inline_estimate_bytes_per_sample"] = inline_bytes_per_sample(local, "mixed", "train")
 
-        from moto.server import ThreadedMotoServer
+        # the S3 server runs in its own process, as a real object store would: in this process
+        # it would share the reader's GIL
         port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        server.start()
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                           AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
         try:
@@ -98,7 +115,8 @@ def main() -> None:
             for name, url in (("disk", local), ("s3", "s3://bench/shards")):
                 out[f"read_{name}"] = read_throughput(url, "mixed", "train", 256, args.samples)
         finally:
-            server.stop()
+            server.terminate()
+            server.wait(timeout=10)
     out["s3_over_disk_batched"] = out["read_disk"]["batched_samples_per_s"] / out["read_s3"]["batched_samples_per_s"]
     text = json.dumps(out, indent=1)
     print(text)

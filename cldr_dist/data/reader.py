@@ -24,6 +24,7 @@ import hashlib
 import json
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,18 +263,30 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return batches_per_epoch(sum(self.sizes), self.world_size, self.rank, self.batch_size, self.drop_last)
 
+    def _fetch(self, shard: int) -> bytes:
+        try:
+            return storage.read_bytes(self.urls[shard])
+        except storage.StorageError as e:
+            raise ShardError(f"manifest lists a shard that cannot be read: {e}") from None
+
     def _samples(self, pieces):
-        for shard, first, end in pieces:
-            try:
-                data = storage.read_bytes(self.urls[shard])
-            except storage.StorageError as e:
-                raise ShardError(f"manifest lists a shard that cannot be read: {e}") from None
-            if self.verify:
-                _checked(self.urls[shard], data, self.sha256[shard])
-            try:
-                yield from iter_shard_samples(data, first, end)
-            except (EOFError, OSError, KeyError, ValueError, UnicodeDecodeError) as e:
-                raise ShardError(f"{self.urls[shard]}: unreadable sample ({type(e).__name__}: {e})") from None
+        # the next shard downloads in a thread while this one is decoded: object-store latency
+        # hides behind CPU work instead of adding to it
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._fetch, pieces[0][0]) if pieces else None
+            for i, (shard, first, end) in enumerate(pieces):
+                data = pending.result()
+                if i + 1 < len(pieces):
+                    pending = pool.submit(self._fetch, pieces[i + 1][0])
+                yield from self._shard_samples(shard, data, first, end)
+
+    def _shard_samples(self, shard: int, data: bytes, first: int, end: int):
+        if self.verify:
+            _checked(self.urls[shard], data, self.sha256[shard])
+        try:
+            yield from iter_shard_samples(data, first, end)
+        except (ShardError, EOFError, OSError, KeyError, ValueError, UnicodeDecodeError) as e:
+            raise ShardError(f"{self.urls[shard]}: unreadable sample ({type(e).__name__}: {e})") from None
 
     def __iter__(self):
         info = get_worker_info()

@@ -14,6 +14,7 @@ from pathlib import Path
 import fsspec
 
 _endpoint_override: str = ""
+S3_MAX_ATTEMPTS = 5  # botocore's standard retry mode: exponential backoff on transient errors
 
 
 class StorageError(Exception):
@@ -36,14 +37,22 @@ def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
 
+_filesystems: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
 def filesystem(url: str) -> fsspec.AbstractFileSystem:
-    if is_s3(url):
+    if not is_s3(url):
+        return fsspec.filesystem("file")
+    # one client per process and endpoint: keyed by pid because an s3fs client (its event loop
+    # and connections) does not survive fork into DataLoader workers
+    key = (os.getpid(), endpoint())
+    if key not in _filesystems:
         import s3fs
         kwargs = {"endpoint_url": endpoint()} if endpoint() else {}
-        # fresh instance: cached instances do not survive fork into loader workers
-        return s3fs.S3FileSystem(skip_instance_cache=True, client_kwargs=kwargs,
-                                 config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"}})
-    return fsspec.filesystem("file")
+        _filesystems[key] = s3fs.S3FileSystem(
+            skip_instance_cache=True, client_kwargs=kwargs,
+            config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}})
+    return _filesystems[key]
 
 
 def join(base: str, *parts: str) -> str:
