@@ -98,8 +98,9 @@ def tiny_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance per test module (ray.init costs seconds); shut down after it."""
+def ray_local(s3_server):
+    """One local Ray instance per test module (ray.init costs seconds); shut down after it.
+    Started after the S3 server, so workers inherit its endpoint and credentials."""
     import ray
 
     from cldr_dist.train.trainer import worker_env

@@ -156,7 +156,10 @@ def save_checkpoint(engine, objective, state: TrainState, rank: int, metrics: di
 
 
 def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, digest: str, log: RunLog) -> TrainState:
-    with checkpoint.as_directory() as d:
+    # Each rank downloads into its own directory: checkpoint.as_directory() shares one temp dir
+    # per node, and two ranks restoring from S3 at once race on it (seen with Ray 2.60).
+    with tempfile.TemporaryDirectory(prefix=f"cldr-restore-rank{rank}-") as d:
+        checkpoint.to_directory(d)
         d = Path(d)
         if not (d / STATE_FILE).is_file():
             raise RuntimeError(f"checkpoint {checkpoint.path} is incomplete: no {STATE_FILE}")

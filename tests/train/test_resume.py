@@ -56,3 +56,14 @@ def test_interrupted_then_resumed_matches(uninterrupted, tiny_shards, tmp_path, 
     # step 2 if the kill beat the step-4 upload), never from scratch
     resumed_from = steps[4] - 1
     assert resumed_from in (2, 4) and steps[4:] == list(range(resumed_from + 1, 7))
+
+
+def test_resume_from_s3_storage(ray_local, tiny_shards, s3_bucket):
+    """Checkpoints on S3 (moto over HTTP): both ranks download and restore at once."""
+    runs = f"{s3_bucket}/runs"
+    first = trainer.run(train_config(tiny_shards, runs, "on-s3", "train.max_steps=3", "train.checkpoint_every=2"))
+    assert first.error is None and first.metrics["step"] == 3
+    assert first.checkpoint.path.startswith(s3_bucket[len("s3://"):])
+    again = trainer.run(train_config(tiny_shards, runs, "on-s3", "train.max_steps=5", "train.checkpoint_every=2"))
+    assert again.error is None
+    assert again.metrics["step"] == 5 and again.metrics["restore_s"] > 0
