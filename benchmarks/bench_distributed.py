@@ -40,6 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from local_s3 import start_s3  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 TINY = REPO / "data" / "gdsc_v17" / "tiny"
 HELD_OUT = REPO / "data" / "gdsc_v17" / "drug_blind_test_drugs.txt"
 ZERO = {s: REPO / "configs" / "deepspeed" / f"zero{s}.json" for s in (1, 2, 3)}
@@ -50,22 +51,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def start_s3() -> tuple[object, str]:
-    """moto in server mode on 127.0.0.1; AWS_* set before Ray starts so workers inherit them."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
-    return server, endpoint
 
 
 def make_config(shards: str, storage_path: str, name: str, *overrides: str):

@@ -29,22 +29,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
+from local_s3 import start_s3  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import job as launch_job  # noqa: E402  (launch/job.py)
 
 MARKS = {"accepted": re.compile(r"submitted successfully"),
          "trainer": re.compile(r"Requesting resources"),
          "step1": re.compile(r"\[pretrain\] epoch \d+/\d+ step 1/")}
-
-
-def start_s3() -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
-    port = launch_job.free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
-    return server, endpoint
 
 
 def submit_command(head, shards: str, runs: str, name: str, steps: int) -> list[str]:

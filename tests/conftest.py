@@ -21,6 +21,17 @@ def tiny_tables():
     return load_tables(TINY)
 
 
+@pytest.fixture
+def data_dir(tmp_path):
+    """A writable copy of the tiny dataset directory, for tests that corrupt it."""
+    import shutil
+    d = tmp_path / "data"
+    shutil.copytree(TINY, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_prepared(tiny_tables):
     """(tokenizer, FeatureTables, caption ids per row, drug rows, cell rows) of the tiny data."""

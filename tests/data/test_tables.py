@@ -2,7 +2,6 @@
 errors and nothing is written."""
 import csv
 import gzip
-import shutil
 import subprocess
 import sys
 
@@ -10,16 +9,7 @@ import pytest
 
 from cldr_dist.data.tables import DataError, load_tables
 
-from tests.conftest import HELD_OUT, TINY
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    shutil.copytree(TINY, d)
-    for f in d.iterdir():
-        f.chmod(0o644)
-    return d
+from tests.conftest import HELD_OUT
 
 
 def rewrite(path, edit):

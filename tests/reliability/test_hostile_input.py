@@ -1,7 +1,6 @@
 """Hostile input: malformed tables and configs end in one clear line (exit 2, no traceback),
 never a hang; absurd rows are dropped with a reason; secrets never reach the output."""
 import gzip
-import shutil
 import subprocess
 import sys
 
@@ -10,16 +9,7 @@ import pytest
 from cldr_dist.config import ConfigError, load_config
 from cldr_dist.data.tables import DataError, load_tables
 
-from tests.conftest import HELD_OUT, REPO, TINY
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    shutil.copytree(TINY, d)
-    for f in d.iterdir():
-        f.chmod(0o644)
-    return d
+from tests.conftest import HELD_OUT, REPO
 
 
 def lines(path):
