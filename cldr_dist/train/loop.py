@@ -134,11 +134,12 @@ class RunLog:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(engine, objective, state: TrainState, rank: int, metrics: dict, log: RunLog) -> dict:
-    """Writes and reports one checkpoint; returns the seconds it took and the MiB rank 0 wrote."""
+def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: int, metrics: dict,
+                    log: RunLog) -> dict:
+    """Writes and reports one checkpoint (weights: full_state_dict(engine), which the caller may
+    already hold for evaluation); returns the seconds it took and the MiB this rank wrote."""
     import ray.train
     t0 = time.time()
-    weights = full_state_dict(engine)
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG)
         rng = {"torch": torch.get_rng_state()}
@@ -186,14 +187,20 @@ def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, dig
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(cfg: Config, shards: ShardSet, weights: dict, part: str, rank: int, world: int,
-             zero_shot: bool) -> dict[str, float]:
-    """Metrics of one part on every rank: each rank predicts its share with a plain copy of the
-    model (no collectives inside, so uneven shares cannot hang), then predictions are gathered."""
-    from cldr_dist.eval.zeroshot import zeroshot_predict
-    from cldr_dist.losses.numeric_kg import NumberTexts
+def plain_copy(cfg: Config, shards: ShardSet, weights: dict) -> CLDRModel:
+    """The model outside DeepSpeed, from full_state_dict weights: its forward runs no
+    collectives, so ranks with uneven evaluation shares cannot hang (ZeRO-3 included)."""
     model = make_model(cfg, shards)
     model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+    return model.eval()
+
+
+def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: int, world: int,
+             zero_shot: bool) -> dict[str, float]:
+    """Metrics of one part on every rank: each rank predicts its share with a model that runs no
+    collectives (plain_copy, or the reference path's own), then predictions are gathered."""
+    from cldr_dist.eval.zeroshot import zeroshot_predict
+    from cldr_dist.losses.numeric_kg import NumberTexts
     model.eval()
     stream = ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.batch_size, rank=rank,
                          world_size=world, seed=cfg.data.seed, shuffle=False, drop_last=False,
@@ -308,12 +315,12 @@ def train_loop_per_worker(config: dict) -> None:
                  f"x accum {accum}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device}")
     zero_shot = cfg.train.mode == "pretrain"
 
-    def end_of_epoch_metrics() -> dict:
-        weights = full_state_dict(engine)
-        out = evaluate(cfg, shards, weights, "val", rank, world, zero_shot)
+    def end_of_epoch_metrics(weights: dict) -> dict:
+        model = plain_copy(cfg, shards, weights)
+        out = evaluate(cfg, shards, model, "val", rank, world, zero_shot)
         if cfg.train.mode == "finetune" and out["val_mse"] < state.best_val_mse:
             state.best_val_mse = out["val_mse"]
-            out.update({f"best_{k}": v for k, v in evaluate(cfg, shards, weights, "test", rank, world, False).items()})
+            out.update({f"best_{k}": v for k, v in evaluate(cfg, shards, model, "test", rank, world, False).items()})
             out["best_epoch"] = state.epoch
         return out
 
@@ -343,23 +350,25 @@ def train_loop_per_worker(config: dict) -> None:
             if state.step >= total_steps or state.batch >= epoch_batches:
                 break
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
+                timings.update(save_checkpoint(engine, objective, full_state_dict(engine), state, rank,
+                                               state.metrics, log))
                 window_t, window_samples = time.time(), 0  # samples/s measures training only
         if state.batch >= epoch_batches:  # the epoch ran to its end
             state.epoch, state.batch = state.epoch + 1, 0
-            epoch_metrics = end_of_epoch_metrics()
+            weights = full_state_dict(engine)
+            epoch_metrics = end_of_epoch_metrics(weights)
             state.metrics.update(epoch_metrics)
             log.scalars(state.epoch, state.step, epoch_metrics)
             log.line(f"end of epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()
                                                                if k.startswith(("val_pcc", "val_mse", "val_zero", "best_test_pcc"))))
             if state.step < total_steps:
-                timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
+                timings.update(save_checkpoint(engine, objective, weights, state, rank, state.metrics, log))
             window_t, window_samples = time.time(), 0
 
     weights = full_state_dict(engine)
-    final = evaluate(cfg, shards, weights, "test", rank, world, zero_shot)
+    final = evaluate(cfg, shards, plain_copy(cfg, shards, weights), "test", rank, world, zero_shot)
     state.metrics.update(final)
     state.metrics["done"] = True
     log.scalars(state.epoch, state.step, final)
     log.line("test: " + " ".join(f"{k} {v:.4g}" for k, v in final.items()))
-    timings.update(save_checkpoint(engine, objective, state, rank, state.metrics, log))
+    save_checkpoint(engine, objective, weights, state, rank, state.metrics, log)

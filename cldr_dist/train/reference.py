@@ -48,8 +48,7 @@ def train_reference(cfg: Config, objective: torch.nn.Module | None = None, log=p
         if cfg.train.max_steps and step >= cfg.train.max_steps:
             break
     out["samples_per_s"] = samples / max(time.time() - t0, 1e-9)
-    weights = {k: v.detach() for k, v in objective.state_dict().items()}
-    out.update(evaluate(cfg, shards, weights, "test", 0, 1, zero_shot=cfg.train.mode == "pretrain"))
+    out.update(evaluate(cfg, shards, objective.model, "test", 0, 1, zero_shot=cfg.train.mode == "pretrain"))
     return out
 
 
