@@ -15,6 +15,10 @@ import fsspec
 
 _endpoint_override: str = ""
 S3_MAX_ATTEMPTS = 5  # botocore's standard retry mode: exponential backoff on transient errors
+# s3fs retries on top of botocore (5 rounds by default, SlowDown included): nested, a store that
+# keeps failing cost 25+ requests and over a minute before the error surfaced. botocore owns
+# request retries; the one extra s3fs round covers what botocore cannot see, a body cut off mid-read.
+S3FS_ROUNDS = 2
 
 
 class StorageError(Exception):
@@ -52,6 +56,7 @@ def filesystem(url: str) -> fsspec.AbstractFileSystem:
         _filesystems[key] = s3fs.S3FileSystem(
             skip_instance_cache=True, client_kwargs=kwargs,
             config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}})
+        _filesystems[key].retries = S3FS_ROUNDS  # a class attribute: the constructor does not take it
     return _filesystems[key]
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,73 @@ def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: i
     return {"checkpoint_s": seconds, "checkpoint_mb": size_mb}
 
 
+def checkpoint_problem(fs, path: str, zero_stage: int) -> str | None:
+    """What a checkpoint directory lacks (None: complete). A rank that died mid-upload, or a
+    file lost afterwards, leaves such a hole. Ranks are counted from the checkpoint's own
+    world size, so resuming with another ray.num_workers still gets restore's clear error."""
+    from pyarrow.fs import FileSelector, FileType
+    try:
+        infos = fs.get_file_info(FileSelector(path, recursive=True))
+        names = {posixpath.relpath(i.path, path) for i in infos if i.type == FileType.File}
+        if STATE_FILE not in names:
+            return f"no {STATE_FILE}"
+        with fs.open_input_stream(posixpath.join(path, STATE_FILE)) as f:
+            world = int(json.loads(f.read())["world_size"])
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable: {type(e).__name__}"
+    for name in (MODEL_FILE, *(f"rng-rank{r}.pt" for r in range(world))):
+        if name not in names:
+            return f"no {name}"
+    ds = [n for n in names if n.startswith(DS_TAG + "/")]
+    if not any(n.endswith("model_states.pt") for n in ds):
+        return f"no {DS_TAG}/ model states"
+    if zero_stage > 0:  # ZeRO partitions the optimizer: every rank wrote its own shard
+        for r in range(world):
+            if not any(n.endswith(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for n in ds):
+                return f"no {DS_TAG}/ optimizer shard of rank {r}"
+    return None
+
+
+def usable_checkpoint(checkpoint, zero_stage: int):
+    """(rank 0) The checkpoint to resume from: the one Ray handed over if it is complete, else
+    the newest older complete one in the same run directory (Ray names them
+    checkpoint_<timestamp>, so name order is age order), else None. Returns (path, warning)."""
+    from pyarrow.fs import FileSelector, FileType
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    problem = checkpoint_problem(fs, path, zero_stage)
+    if problem is None:
+        return path, None
+    run_dir, handed = posixpath.split(path)
+    siblings = sorted((i.base_name for i in fs.get_file_info(FileSelector(run_dir))
+                       if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
+                       and i.base_name < handed), reverse=True)
+    for name in siblings:
+        older = posixpath.join(run_dir, name)
+        if checkpoint_problem(fs, older, zero_stage) is None:
+            return older, f"warning: checkpoint {path} is incomplete ({problem}); resuming from {older}"
+    return None, (f"warning: checkpoint {path} is incomplete ({problem}) and no older complete "
+                  f"checkpoint is left in {run_dir}; starting from scratch")
+
+
+def choose_checkpoint(checkpoint, rank: int, world: int, zero_stage: int, log: RunLog):
+    """The checkpoint every rank restores (or None): rank 0 decides and broadcasts, so that
+    ranks never resume from different steps even if storage changes while they look."""
+    import ray.train
+    choice = [None]
+    if rank == 0:
+        path, warning = usable_checkpoint(checkpoint, zero_stage)
+        if warning:
+            log.line(warning)
+        choice = [path]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    if choice[0] == checkpoint.path.rstrip("/"):
+        return checkpoint
+    return ray.train.Checkpoint(choice[0], filesystem=checkpoint.filesystem)
+
+
 def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, digest: str, log: RunLog) -> TrainState:
     # Each rank downloads into its own directory: checkpoint.as_directory() shares one temp dir
     # per node, and two ranks restoring from S3 at once race on it (seen with Ray 2.60).
@@ -290,6 +358,8 @@ def train_loop_per_worker(config: dict) -> None:
     state = TrainState(world_size=world, config_digest=digest)
     timings: dict[str, float] = {}  # last checkpoint save / restore, carried into the metrics
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        checkpoint = choose_checkpoint(checkpoint, rank, world, engine.zero_optimization_stage(), log)
     if checkpoint:
         t0 = time.time()
         state = restore_checkpoint(engine, objective, checkpoint, rank, world, digest, log)
