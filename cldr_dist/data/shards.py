@@ -14,14 +14,15 @@ import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
+import pandas as pd
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from cldr_dist import __version__
@@ -29,14 +30,30 @@ from cldr_dist.config import Config
 from cldr_dist.data import storage
 from cldr_dist.data.features import FeatureTables
 from cldr_dist.data.featurize import smiles_codes
-from cldr_dist.data.labels import all_number_texts, number_index, y_from_ln_ic50
+from cldr_dist.data.labels import CAPTION_TEMPLATE, all_number_texts, number_index, y_from_ln_ic50
 from cldr_dist.data.splits import PARTS, make_split, read_held_out_drugs
 from cldr_dist.data.tables import GDSCTables, load_tables
-from cldr_dist.data.tokenizer import caption_words, encode_all, train_tokenizer
+from cldr_dist.data.tokenizer import EOS, SOS, encode_all, split_smiles, train_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 GZIP_LEVEL = 3
+# ustar layout (tarfile.BLOCKSIZE, RECORDSIZE) and the member fields webdataset's TarWriter
+# sets (mode 0o444, uid/gid 0, owner "bigdata", mtime 0 as the shards pass it): kept field for
+# field, so the shards are byte-identical to the ones TarWriter wrote
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
+TAR_END_BLOCKS = 2
+TAR_NAME_BYTES = 100
+TAR_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+TAR_MTIME = b"%011o\0" % 0
+TAR_CHKSUM_SPACES = 8 * ord(" ")
+TAR_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2).ljust(
+    TAR_BLOCK - TAR_NAME_BYTES - len(TAR_MODE_IDS) - 12 - len(TAR_MTIME) - 8, b"\0")
+TAR_TAIL_SUM = sum(TAR_TAIL)
+ROW_DTYPE = np.int32    # drug/cell row per response row: 4 bytes a row, not a Python int
+ENCODE_BLOCK = 2000     # captions made per block: bounds the token arrays held at once
+SMILES_FIELD = "{smiles}"  # where CAPTION_TEMPLATE's drug part ends and its cell part begins
 
 
 def sha256_file(path: str | Path) -> str:
@@ -53,17 +70,89 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prepare(tables: GDSCTables, vocab_size: int):
-    """Everything sample-independent: tokenizer, lookup tables, per-row caption token ids."""
-    drug_row = {d.drug_id: i for i, d in enumerate(tables.drugs)}
-    cell_row = {c: i for i, c in enumerate(tables.cell_ids)}
+_NPY_HEADERS: dict[tuple[str, int], bytes] = {}
+
+
+def npy_vector_bytes(a: np.ndarray) -> bytes:
+    """npy_bytes of a 1-d array, byte for byte, without np.save's per-call header formatting
+    (~30 us, once per sample): captions come in a few dozen lengths, so the header of each
+    (dtype, length) is made once by np.save itself and the raw data appended to it."""
+    key = (a.dtype.str, len(a))
+    if key not in _NPY_HEADERS:
+        empty = np.zeros(len(a), dtype=a.dtype)
+        _NPY_HEADERS[key] = npy_bytes(empty)[:-empty.nbytes or None]
+    return _NPY_HEADERS[key] + np.ascontiguousarray(a).tobytes()
+
+
+class CaptionIds:
+    """Caption token ids of the response rows, made on demand from per-drug and per-cell pieces.
+
+    Holding every row's ids (lists of Python ints) was most of `cldr shards`' memory and grew
+    with the dataset. The tokenizer splits on whitespace and BPE never merges across words, so
+    a caption's ids are [SOS] + ids(its words up to the SMILES, drug's) + ids(the rest, cell's)
+    + [EOS]: D + C short arrays encode every one of the D x C possible captions, and a row costs
+    one concatenation instead of an encode. __init__ checks that identity against the full
+    encode on one caption per drug and per cell, so a tokenizer for which it fails is an error
+    instead of different ids."""
+
+    def __init__(self, tokenizer: Tokenizer, drug_words: list[str], cell_names: list[str],
+                 drows: np.ndarray, crows: np.ndarray):
+        self.tokenizer, self.drows, self.crows = tokenizer, drows, crows
+        # the template's space after {smiles} is the word boundary between the two parts
+        head, tail = CAPTION_TEMPLATE.split(SMILES_FIELD)
+        drug_text = [head + w for w in drug_words]
+        cell_text = [tail.format(cell=n) for n in cell_names]
+        self.drug_ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(drug_text, add_special_tokens=False)]
+        self.cell_ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(cell_text, add_special_tokens=False)]
+        self.sos = np.asarray([tokenizer.token_to_id(SOS)], dtype=np.int64)
+        self.eos = np.asarray([tokenizer.token_to_id(EOS)], dtype=np.int64)
+        n = max(len(drug_words), len(cell_names))
+        d, c = np.arange(n) % len(drug_words), np.arange(n) % len(cell_names)
+        full = encode_all(tokenizer, list(iter_captions(drug_words, cell_names, d, c)))
+        if any(self.pair_ids(i, j).tolist() != ids for i, j, ids in zip(d.tolist(), c.tolist(), full)):
+            raise RuntimeError("caption ids are not the concatenation of their drug and cell parts: "
+                               "the tokenizer no longer splits on whitespace alone")
+
+    def __len__(self) -> int:
+        return len(self.drows)
+
+    def pair_ids(self, drug: int, cell: int) -> np.ndarray:
+        return np.concatenate([self.sos, self.drug_ids[drug], self.cell_ids[cell], self.eos])
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.pair_ids(self.drows[row], self.crows[row])
+
+    def encode(self, rows) -> list[np.ndarray]:
+        return [self.pair_ids(d, c) for d, c in zip(self.drows[rows].tolist(), self.crows[rows].tolist())]
+
+
+def iter_captions(drug_words: list[str], cell_names: list[str], drows: np.ndarray, crows: np.ndarray):
+    """The captions of these (drug row, cell row) pairs, one at a time: the text of
+    tokenizer.caption_words, with each drug's SMILES split once (drug_words) instead of per row."""
+    for d, c in zip(drows.tolist(), crows.tolist()):
+        yield CAPTION_TEMPLATE.format(smiles=drug_words[d], cell=cell_names[c])
+
+
+def table_rows(tables: GDSCTables) -> tuple[np.ndarray, np.ndarray]:
+    """Each response row's drug row and cell row in the lookup tables (int32: 4 bytes a row)."""
     resp = tables.responses
-    drows = resp["drug_id"].map(drug_row).to_numpy()
-    crows = resp["cosmic_id"].map(cell_row).to_numpy()
-    captions = [caption_words(tables.drugs[d].smiles, tables.cell_names[c]) for d, c in zip(drows, crows)]
+    drows = pd.Index([d.drug_id for d in tables.drugs]).get_indexer(resp["drug_id"])
+    crows = pd.Index(tables.cell_ids).get_indexer(resp["cosmic_id"])
+    return drows.astype(ROW_DTYPE), crows.astype(ROW_DTYPE)
+
+
+def prepare(tables: GDSCTables, vocab_size: int):
+    """Everything sample-independent: tokenizer, lookup tables, per-row caption token ids
+    (a CaptionIds: indexable by row, encoded on demand)."""
+    drows, crows = table_rows(tables)
+    # the SMILES split once per drug, not once per row: same text as caption_words
+    drug_words = [split_smiles(d.smiles) for d in tables.drugs]
     numbers = all_number_texts()
-    tokenizer = train_tokenizer(captions + numbers, vocab_size)
-    caption_ids = encode_all(tokenizer, captions)
+    # streamed: the trainer keeps word counts, not the corpus, and sees the same texts in the
+    # same order as the list this replaced, so the vocabulary and ids are unchanged
+    tokenizer = train_tokenizer(itertools.chain(iter_captions(drug_words, tables.cell_names, drows, crows), numbers),
+                                vocab_size)
+    caption_ids = CaptionIds(tokenizer, drug_words, tables.cell_names, drows, crows)
     features = FeatureTables.build(
         drug_ids=[d.drug_id for d in tables.drugs], drug_smiles=[d.smiles for d in tables.drugs],
         graphs=[(d.atoms, d.edges) for d in tables.drugs],
@@ -73,36 +162,64 @@ def prepare(tables: GDSCTables, vocab_size: int):
     return tokenizer, features, caption_ids, drows, crows
 
 
-def decoded_samples(tables: GDSCTables, rows, caption_ids, drows, crows, split: str = "", part: str = ""):
+def decoded_samples(tables: GDSCTables, rows, caption_ids: CaptionIds, drows, crows, split: str = "", part: str = ""):
     """Samples as the reader yields them ({"meta": dict, "caption": token ids}), straight from
-    the tables: what the shards hold, and what tests and benchmarks batch without shards."""
+    the tables: what the shards hold, and what tests and benchmarks batch without shards.
+    Captions are encoded ENCODE_BLOCK rows at a time, so any number of rows streams."""
     resp = tables.responses
     ln = resp["ln_ic50"].to_numpy()
-    cell_ids, drug_ids = resp["cosmic_id"].to_numpy(), resp["drug_id"].to_numpy()
-    for r in rows:
-        y = y_from_ln_ic50(float(ln[r]))
-        meta = {"cell_id": str(cell_ids[r]), "drug_id": str(drug_ids[r]), "cell": int(crows[r]),
-                "drug": int(drows[r]), "y": y, "ln_ic50": float(ln[r]), "number": number_index(y),
-                "split": split, "part": part}
-        yield r, {"meta": meta, "caption": np.asarray(caption_ids[r], dtype=np.int64)}
+    cell_ids, drug_ids = tables.cell_ids, [d.drug_id for d in tables.drugs]
+    rows = np.asarray(rows)
+    for start in range(0, len(rows), ENCODE_BLOCK):
+        block = rows[start:start + ENCODE_BLOCK]
+        for r, ids in zip(block.tolist(), caption_ids.encode(block)):
+            y = y_from_ln_ic50(float(ln[r]))
+            d, c = int(drows[r]), int(crows[r])
+            meta = {"cell_id": cell_ids[c], "drug_id": drug_ids[d], "cell": c,
+                    "drug": d, "y": y, "ln_ic50": float(ln[r]), "number": number_index(y),
+                    "split": split, "part": part}
+            yield r, {"meta": meta, "caption": np.asarray(ids, dtype=np.int64)}
 
 
-def sample_records(tables: GDSCTables, rows: np.ndarray, caption_ids, drows, crows,
+def sample_records(tables: GDSCTables, rows: np.ndarray, caption_ids: CaptionIds, drows, crows,
                    split: str, part: str, token_dtype):
     for r, s in decoded_samples(tables, rows, caption_ids, drows, crows, split, part):
         yield {"__key__": f"{r:09d}", "json": json.dumps(s["meta"]).encode(),
-               "caption.npy": npy_bytes(s["caption"].astype(token_dtype))}
+               "caption.npy": npy_vector_bytes(s["caption"].astype(token_dtype))}
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte header tarfile writes (USTAR_FORMAT) for a member as webdataset's TarWriter
+    makes it: a tenth of the cost of going through TarInfo, which was most of the writer's time."""
+    if len(name) > TAR_NAME_BYTES:
+        raise ValueError(f"tar member name over {TAR_NAME_BYTES} bytes: {name!r}")
+    head = name.ljust(TAR_NAME_BYTES, b"\0") + TAR_MODE_IDS + b"%011o\0" % size + TAR_MTIME
+    # tarfile's checksum: the byte sum with the checksum field as spaces, then "%06o\0" and the
+    # last of those spaces left in place
+    chksum = sum(head) + TAR_CHKSUM_SPACES + TAR_TAIL_SUM
+    return head + b"%06o\0 " % chksum + TAR_TAIL
+
+
+def tar_bytes(records: list[dict]) -> bytes:
+    """The uncompressed tar webdataset's TarWriter writes for these records (members sorted by
+    extension within a sample, 512-byte padding, two zero blocks, then padding to a record)."""
+    parts = []
+    for rec in records:
+        for ext in sorted(k for k in rec if k != "__key__"):
+            data = rec[ext]
+            parts += [ustar_header(f"{rec['__key__']}.{ext}".encode(), len(data)), data,
+                      b"\0" * (-len(data) % TAR_BLOCK)]
+    parts.append(b"\0" * (TAR_END_BLOCKS * TAR_BLOCK))
+    parts.append(b"\0" * (-sum(map(len, parts)) % TAR_RECORD))
+    return b"".join(parts)
 
 
 def write_shard(records: list[dict], url: str, tmpdir: str) -> dict:
     local = Path(tmpdir) / "shard.tar.gz"
-    # integer mtime and ustar keep tarfile from writing a pax header per member (2x faster);
-    # a light gzip level since tar padding, not entropy, is most of the bytes
+    # a light gzip level since tar padding, not entropy, is most of the bytes; GzipFile (not
+    # gzip.compress) because its header records the file name, as the shards always have
     with open(local, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
-        with wds.TarWriter(gz, mtime=0) as sink:
-            sink.tarstream.format = tarfile.USTAR_FORMAT  # TarWriter does not pass `format` on
-            for rec in records:
-                sink.write(rec)
+        gz.write(tar_bytes(records))
     info = {"url": url.rsplit("/", 2)[-2] + "/" + url.rsplit("/", 1)[-1] if storage.is_s3(url)
             else str(Path(url).relative_to(Path(url).parent.parent)),
             "num_samples": len(records), "bytes": local.stat().st_size, "sha256": sha256_file(local)}
@@ -134,7 +251,18 @@ def build_shards(cfg: Config, data_dir: str | None = None, out: str | None = Non
     storage.check_writable(out)
     # An older manifest would vouch for shards this run is about to overwrite: drop it first.
     storage.remove(storage.join(out, MANIFEST))
+    manifest = write_shards(cfg, tables, splits, out, progress)
+    total = sum(len(idx) for parts in splits.values() for idx in parts.values())
+    log(f"wrote {total} samples in {sum(len(p['shards']) for s in manifest['splits'].values() for p in s.values())} "
+        f"shards to {out} in {time.time() - t0:.1f}s")
+    return manifest
 
+
+def write_shards(cfg: Config, tables: GDSCTables, splits: dict[str, dict[str, np.ndarray]], out: str,
+                 progress: bool = True) -> dict:
+    """Tokenizer, features and every split's shards under `out`, manifest last. Memory stays
+    flat in the number of rows: beyond the tables, a row costs a few bytes of index arrays, and
+    samples exist only one shard at a time."""
     tokenizer, features, caption_ids, drows, crows = prepare(tables, cfg.data.vocab_size)
     token_dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.int32
     manifest = {
@@ -175,11 +303,9 @@ def build_shards(cfg: Config, data_dir: str | None = None, out: str | None = Non
                     shards.append(write_shard(recs, url, tmp))
                     bar.update(len(chunk))
                 manifest["splits"][split][part] = {"num_samples": int(len(rows)), "shards": shards,
-                                                   "drugs": int(tables.responses["drug_id"].iloc[rows].nunique()),
-                                                   "cells": int(tables.responses["cosmic_id"].iloc[rows].nunique())}
+                                                   "drugs": int(np.unique(drows[rows]).size),
+                                                   "cells": int(np.unique(crows[rows]).size)}
         bar.close()
         Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=1))
         storage.put_file(Path(tmp, MANIFEST), storage.join(out, MANIFEST))
-    log(f"wrote {total} samples in {sum(len(p['shards']) for s in manifest['splits'].values() for p in s.values())} "
-        f"shards to {out} in {time.time() - t0:.1f}s")
     return manifest

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from cldr_dist.data.labels import CAPTION_TEMPLATE
 
 SMILES_TOKEN = re.compile(r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|/|:|~|@|\?|>|\*|\$|%[0-9]{2}|[0-9])")
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[SOS]", "[EOS]"]  # [PAD] must be id 0 (data/batch.py PAD_ID)
+SOS, EOS = "[SOS]", "[EOS]"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", SOS, EOS]  # [PAD] must be id 0 (data/batch.py PAD_ID)
 
 
 def split_smiles(smiles: str) -> str:
@@ -34,9 +35,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    sos, eos = tok.token_to_id("[SOS]"), tok.token_to_id("[EOS]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[SOS] $A [EOS]", special_tokens=[("[SOS]", sos), ("[EOS]", eos)])
+        single=f"{SOS} $A {EOS}", special_tokens=[(SOS, tok.token_to_id(SOS)), (EOS, tok.token_to_id(EOS))])
     return tok
 
 
