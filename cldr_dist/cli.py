@@ -3,6 +3,8 @@
     cldr shards   --data DIR --out URL          dataset directory -> shards (local or s3://)
     cldr pretrain --config configs/demo.yaml    Ray Train + DeepSpeed contrastive pretraining
     cldr finetune --config ...                  MSE finetuning, optionally from a pretrain checkpoint
+    cldr experiment --config configs/experiments/NAME.yaml   base vs CLDR per model, split, seed
+    cldr report RUN_DIR                         an experiment's tables and figures as report.md
 
 Every subcommand takes --config FILE and `section.key=value` overrides. A user's mistake
 (bad config, missing file, bad data) ends with one line on stderr and exit code 2.
@@ -10,6 +12,7 @@ Every subcommand takes --config FILE and `section.key=value` overrides. A user's
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cldr_dist.config import ConfigError, load_config
@@ -19,7 +22,28 @@ from cldr_dist.data import storage
 def _user_errors() -> tuple[type[Exception], ...]:
     from cldr_dist.data.reader import ShardError
     from cldr_dist.data.tables import DataError
-    return ConfigError, DataError, ShardError, storage.StorageError
+    from cldr_dist.experiment.report import ReportError
+    return ConfigError, DataError, ShardError, storage.StorageError, ReportError
+
+
+def cmd_experiment(args) -> None:
+    from cldr_dist.experiment.report import write_report
+    from cldr_dist.experiment.runner import run_experiment
+    from cldr_dist.experiment.spec import load_experiment
+    if not args.config:
+        raise ConfigError("cldr experiment needs --config configs/experiments/NAME.yaml")
+    spec = load_experiment(args.config, args.overrides)
+    run_dir = run_experiment(spec)
+    print(f"report: {write_report(run_dir)}")
+
+
+def cmd_report(args) -> None:
+    from cldr_dist.experiment.report import write_report
+    print(f"report: {write_report(args.run_dir)}")
+
+
+# these read their own files instead of a training config
+OWN_CONFIG_COMMANDS = {"experiment": cmd_experiment, "report": cmd_report}
 
 
 def cmd_shards(args, cfg) -> None:
@@ -50,12 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
                            ("evaluate", "test metrics of a checkpoint")):
         q = sub.add_parser(name, parents=[common], help=helptext)
         q.add_argument("--checkpoint", help="checkpoint directory or URL (evaluate)")
+    q = sub.add_parser("experiment", help="base model vs CLDR on every model, split and seed, with a report")
+    q.add_argument("--config", help="experiment file (configs/experiments/*.yaml)")
+    q.add_argument("overrides", nargs="*", help="experiment.key=value, classical.key=value, "
+                                                "common|pretrain|finetune.section.key=value")
+    q = sub.add_parser("report", help="report.md and figures of an experiment run directory")
+    q.add_argument("run_dir", help="the experiment's run directory (experiment.out/experiment.name)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in OWN_CONFIG_COMMANDS:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            OWN_CONFIG_COMMANDS[args.command](args)
+            return 0
         cfg = load_config(args.config, args.overrides)
         storage.set_endpoint(cfg.storage.endpoint_url)
         if args.command not in COMMANDS:

@@ -112,7 +112,7 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _coerce(value, tp, key: str):
+def coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -120,7 +120,7 @@ def _coerce(value, tp, key: str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise ConfigError(f"config key {key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, key) for v in value]
+        return [coerce(v, item_tp, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -144,7 +144,7 @@ def _coerce(value, tp, key: str):
     return value
 
 
-def _apply(cfg: Config, section: str, key: str, value) -> None:
+def apply_setting(cfg: Config, section: str, key: str, value) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
         raise ConfigError(f"unknown config section {section!r}; known: {', '.join(sections)}")
@@ -152,7 +152,7 @@ def _apply(cfg: Config, section: str, key: str, value) -> None:
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(hints)}")
-    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+    setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -171,13 +171,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
             for key, value in values.items():
-                _apply(cfg, section, key, value)
+                apply_setting(cfg, section, key, value)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, yaml.safe_load(value) if value else "")
+        apply_setting(cfg, section, key, yaml.safe_load(value) if value else "")
     validate(cfg)
     return cfg
 
@@ -204,6 +204,6 @@ def config_from_dict(d: dict) -> Config:
     cfg = Config()
     for section, values in d.items():
         for key, value in values.items():
-            _apply(cfg, section, key, value)
+            apply_setting(cfg, section, key, value)
     validate(cfg)
     return cfg

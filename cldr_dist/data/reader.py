@@ -316,6 +316,15 @@ class ShardStream(IterableDataset):
         return collate(samples, self.shards.features, self.caption_pad_to, self.number_pad_to)
 
 
+def part_meta(shards: ShardSet, split: str, part: str):
+    """Every sample's metadata (drug and cell table rows, y, ids) of one part, in shard order:
+    what the classical baselines and the report need, without collating batches."""
+    stream = ShardStream(shards, split, part, batch_size=1, shuffle=False, drop_last=False)
+    for shard, size in enumerate(stream.sizes):
+        for sample in stream._shard_samples(shard, stream._fetch(shard), 0, size):
+            yield sample["meta"]
+
+
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """batch_size=None: the stream batches itself, so DataLoader only moves batches across.
     The loader draws its worker seeds from its own generator: drawing from the global one would

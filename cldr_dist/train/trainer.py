@@ -38,7 +38,9 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
     else:
         cpus = max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1)
-        ray.init(num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        # address="local": without it ray.init joins whatever cluster this machine started last
+        ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False,
+                 log_to_driver=True)
 
 
 def storage_target(storage_path: str):

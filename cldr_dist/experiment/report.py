@@ -1,0 +1,319 @@
+"""`cldr report RUN_DIR`: the experiment's tables, the paper's claims checked against them, and
+figures (PNG, matplotlib), as RUN_DIR/report.md with RUN_DIR/figures/.
+
+Everything is computed from the run directory (results/*.json, predictions/*.npz,
+curves/*.csv, number_texts/*.npy), so the report can be rebuilt at any time, also mid-run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from cldr_dist.eval.classical import BASELINES
+from cldr_dist.eval.metrics import pearson, spearman
+from cldr_dist.eval.predict import load_predictions
+
+METRICS = ("pcc", "scc", "rmse", "mse", "r2", "rmse_ln_ic50")
+PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
+MIXED_GRAPHDRP_TARGET = 0.90       # GraphDRP's published mixed-split PCC is about 0.92-0.93
+MIN_SAMPLES_PER_DRUG = 10          # per-drug PCC of fewer pairs is noise
+FIGURE_DPI = 110
+
+
+class ReportError(Exception):
+    pass
+
+
+def load_results(run_dir: Path) -> list[dict]:
+    files = sorted((run_dir / "results").glob("*.json"))
+    if not files:
+        raise ReportError(f"{run_dir}: no finished arms under results/ (run `cldr experiment` first)")
+    return [dict(json.loads(f.read_text()), key=f.stem) for f in files]
+
+
+def row_label(r: dict) -> str:
+    if r["kind"] == "classical":
+        return f"classical: {r['arm']}"
+    return f"{r['model']} ({'MSE only' if r['arm'] == 'base' else r['arm']})"
+
+
+def row_order(r: dict) -> tuple:
+    if r["kind"] == "classical":
+        return (0, "", BASELINES.index(r["arm"]) if r["arm"] in BASELINES else 99, r["arm"])
+    return (1, r["model"], 0 if r["arm"] == "base" else 1, r["arm"])
+
+
+def grouped(results: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """split -> row label -> the results of its seeds, rows in table order."""
+    out: dict[str, dict[str, list[dict]]] = defaultdict(dict)
+    for r in sorted(results, key=row_order):
+        out[r["split"]].setdefault(row_label(r), []).append(r)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray([v for v in values if v is not None], float)
+    if not len(a):
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    if np.isnan(m):
+        return "-"
+    m = m + 0.0 if abs(m) >= 5e-5 else 0.0  # a constant predictor's PCC prints as 0.0000, not -0.0000
+    return f"{m:.4f} ± {s:.4f}" if len([v for v in values if v is not None]) > 1 else f"{m:.4f}"
+
+
+def table(rows: dict[str, list[dict]]) -> list[str]:
+    head = ["model", "seeds", *(m.upper().replace("_", " ") for m in METRICS), "zero-shot PCC", "wall (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rs in rows.items():
+        cells = [label, str(len(rs))] + [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
+        cells.append(fmt([r.get("zeroshot_pcc") for r in rs]))
+        cells.append(f"{np.mean([r['wall_s'] for r in rs]) / 60:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def mean_metric(rows: dict[str, list[dict]], label: str, metric: str) -> float | None:
+    if label not in rows:
+        return None
+    return mean_std([r["metrics"][metric] for r in rows[label]])[0]
+
+
+def claims(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """The issue's targets, each answered from the table with its numbers."""
+    out = []
+    db, mixed = groups.get("drug_blind", {}), groups.get("mixed", {})
+    models = sorted({r["model"] for rows in groups.values() for rs in rows.values() for r in rs if r["model"]})
+    for model in models:
+        base, cldr = mean_metric(db, f"{model} (MSE only)", "pcc"), mean_metric(db, f"{model} (cldr)", "pcc")
+        if base is not None and cldr is not None:
+            gain = (cldr - base) / abs(base) * 100 if base else float("nan")
+            verdict = "holds" if cldr > base else "does NOT hold"
+            out.append(f"- Drug-blind, {model}: CLDR PCC {cldr:.4f} vs MSE-only {base:.4f} "
+                       f"({gain:+.1f}%; paper: +7.8% to +31.4%): {verdict}.")
+    g = mean_metric(mixed, "graphdrp (MSE only)", "pcc")
+    if g is not None:
+        out.append(f"- Mixed, GraphDRP MSE-only PCC {g:.4f} (target ≥ {MIXED_GRAPHDRP_TARGET}): "
+                   f"{'met' if g >= MIXED_GRAPHDRP_TARGET else 'NOT met'}.")
+    for split, floor in (("drug_blind", "classical: train_mean"), ("mixed", "classical: drug_mean")):
+        rows = groups.get(split, {})
+        floor_rmse = mean_metric(rows, floor, "rmse")
+        if floor_rmse is None:
+            continue
+        for label in rows:
+            if label.startswith("classical"):
+                continue
+            rmse = mean_metric(rows, label, "rmse")
+            out.append(f"- {split}, {label}: RMSE {rmse:.4f} vs {floor.split(': ')[1]} {floor_rmse:.4f}: "
+                       f"{'beats it' if rmse < floor_rmse else 'does NOT beat it'}.")
+    for split, rows in groups.items():
+        learned = [lbl for lbl in rows if lbl in ("classical: ridge", "classical: gbm")]
+        if not learned:
+            continue
+        best = max(learned, key=lambda lbl: mean_metric(rows, lbl, "pcc"))
+        best_pcc = mean_metric(rows, best, "pcc")
+        for label in rows:
+            if label.startswith("classical"):
+                continue
+            pcc = mean_metric(rows, label, "pcc")
+            out.append(f"- {split}, {label}: PCC {pcc:.4f} vs best classical ({best.split(': ')[1]}) {best_pcc:.4f}: "
+                       f"{'beats it' if pcc > best_pcc else 'does NOT beat it'}.")
+    cldr_rows = [lbl for lbl in db if not lbl.startswith("classical") and "MSE only" not in lbl]
+    if cldr_rows:
+        best = max(cldr_rows, key=lambda lbl: mean_metric(db, lbl, "pcc"))
+        pcc = mean_metric(db, best, "pcc")
+        out.append(f"- Best CLDR drug-blind PCC: {pcc:.4f} ({best}); paper {PAPER_DRUG_BLIND_PCC}: "
+                   f"{'reached' if pcc >= PAPER_DRUG_BLIND_PCC else 'NOT reached'}.")
+    return out
+
+
+def per_drug_pcc(pred: dict) -> dict[str, float]:
+    out = {}
+    for drug in np.unique(pred["drug_ids"]):
+        mask = pred["drug_ids"] == drug
+        if mask.sum() >= MIN_SAMPLES_PER_DRUG:
+            out[str(drug)] = pearson(pred["y"][mask], pred["p"][mask])
+    return out
+
+
+def number_order_score(features: np.ndarray) -> tuple[np.ndarray, float]:
+    """Cosine similarity matrix of the number texts, and the Spearman correlation of the
+    similarity of each pair with minus its distance |i - j|: 1 when similarity falls with
+    distance everywhere (the text side learned that numbers are ordered), about 0 when not."""
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sim = f @ f.T
+    i, j = np.triu_indices(len(f), k=1)
+    return sim, spearman(sim[i, j], -np.abs(i - j).astype(float))
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def fig_pred_vs_true(run_dir: Path, rows: dict[str, list[dict]], split: str) -> str:
+    plt = _plt()
+    labels = [lbl for lbl in rows if lbl not in ("classical: train_mean",)]
+    cols = min(4, len(labels))
+    nrows = (len(labels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        r = rows[label][0]
+        pred = load_predictions(str(run_dir / "predictions" / f"{r['key']}.npz"))
+        ax.hexbin(pred["y"], pred["p"], gridsize=40, bins="log", cmap="viridis", extent=(0, 1, 0, 1))
+        ax.plot([0, 1], [0, 1], "w--", lw=0.8)
+        ax.set_title(f"{label}\nPCC {r['metrics']['pcc']:.3f}", fontsize=8)
+        ax.set_xlabel("true y", fontsize=8)
+        ax.set_ylabel("predicted y", fontsize=8)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.suptitle(f"{split}: predicted against true (test set, first seed)", fontsize=10)
+    return _save(fig, run_dir, f"pred_vs_true_{split}.png")
+
+
+def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            steps, values = series[row["name"]]
+            steps.append(int(row["step"]))
+            values.append(float(row["value"]))
+    return series
+
+
+def fig_curves(run_dir: Path) -> str | None:
+    curves = sorted((run_dir / "curves").glob("*.csv"))
+    if not curves:
+        return None
+    plt = _plt()
+    fig, (ax_pre, ax_fine, ax_val) = plt.subplots(1, 3, figsize=(15, 4))
+    for path in curves:
+        series = read_curve(path)
+        name = path.stem.replace("-pretrain", "").replace("-finetune", "")
+        if path.stem.endswith("-pretrain") and "loss" in series:
+            ax_pre.plot(*series["loss"], lw=0.8, label=name)
+        elif "mse" in series:
+            ax_fine.plot(*series["mse"], lw=0.8, label=name)
+            if "val_pcc" in series:
+                ax_val.plot(*series["val_pcc"], "o-", ms=3, lw=0.8, label=name)
+    for ax, title in ((ax_pre, "pretraining loss (CLIP + TransE)"), (ax_fine, "finetuning MSE (train)"),
+                      (ax_val, "validation PCC (end of epoch)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=5)
+    return _save(fig, run_dir, "training_curves.png")
+
+
+def fig_number_similarity(run_dir: Path, results: list[dict]) -> tuple[str | None, list[str]]:
+    pretrained = [r for r in sorted(results, key=row_order) if (run_dir / "number_texts" / f"{r['key']}.npy").is_file()]
+    firsts = {}
+    for r in pretrained:
+        firsts.setdefault((r["model"], r["arm"], r["split"]), r)
+    if not firsts:
+        return None, []
+    plt = _plt()
+    items = list(firsts.values())
+    fig, axes = plt.subplots(1, len(items), figsize=(3.8 * len(items), 3.4), squeeze=False, layout="constrained")
+    lines = []
+    for ax, r in zip(axes.flat, items):
+        sim, score = number_order_score(np.load(run_dir / "number_texts" / f"{r['key']}.npy", allow_pickle=False))
+        im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(f"{r['model']} {r['arm']} ({r['split']})\norder score {score:.3f}", fontsize=8)
+        ax.set_xlabel("number text index (y x 1000)", fontsize=7)
+        lines.append(f"- {r['model']} {r['arm']} ({r['split']}, seed {r['seed']}): order score {score:.3f}")
+    fig.colorbar(im, ax=list(axes.flat), shrink=0.8)
+    return _save(fig, run_dir, "number_text_similarity.png"), lines
+
+
+def fig_per_drug(run_dir: Path, rows: dict[str, list[dict]]) -> str | None:
+    deep = [lbl for lbl in rows if not lbl.startswith("classical") or lbl.endswith(("ridge", "gbm"))]
+    per = {lbl: per_drug_pcc(load_predictions(str(run_dir / "predictions" / f"{rows[lbl][0]['key']}.npz")))
+           for lbl in deep}
+    drugs = sorted({d for v in per.values() for d in v})
+    if not drugs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(drugs) * max(1, len(deep)) / 2), 4))
+    width = 0.8 / len(deep)
+    for k, lbl in enumerate(deep):
+        ax.bar(np.arange(len(drugs)) + k * width, [per[lbl].get(d, np.nan) for d in drugs], width, label=lbl)
+    ax.set_xticks(np.arange(len(drugs)) + 0.4 - width / 2)
+    ax.set_xticklabels(drugs, rotation=90, fontsize=6)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("PCC over the drug's test cell lines")
+    ax.set_title("drug-blind: per-drug PCC of the held-out drugs (first seed)", fontsize=9)
+    ax.legend(fontsize=6)
+    return _save(fig, run_dir, "per_drug_pcc_drug_blind.png")
+
+
+def _save(fig, run_dir: Path, name: str) -> str:
+    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "figures" / f".{name}.tmp.png"
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(tmp, dpi=FIGURE_DPI)
+    _plt().close(fig)
+    tmp.replace(run_dir / "figures" / name)
+    return f"figures/{name}"
+
+
+# ----------------------------------------------------------------------------- the report
+
+def budget_lines(run_dir: Path) -> list[str]:
+    lines = ["| training run | mode | epochs | steps | global batch | wall (min) |", "|---|---|---|---|---|---|"]
+    for path in sorted((run_dir / "stages").glob("*.json")):
+        s = json.loads(path.read_text())
+        cfg = s["config"]
+        gb = cfg["train"]["batch_size"] * cfg["ray"]["num_workers"]
+        lines.append(f"| {path.stem} | {s['mode']} | {cfg['train']['epochs']} | {s['metrics'].get('step', '-')} "
+                     f"| {gb} | {s['wall_s'] / 60:.1f} |")
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "experiment.json").is_file():
+        raise ReportError(f"{run_dir}: not an experiment run directory (no experiment.json)")
+    meta = json.loads((run_dir / "experiment.json").read_text())
+    results = load_results(run_dir)
+    groups = grouped(results)
+    m = meta["machine"]
+    lines = [f"# Experiment {meta['spec']['name']}", "",
+             f"Machine: {m['host']}, {m['cpus']} CPUs, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}, "
+             f"torch {m['torch']}. Rebuild with `cldr report {run_dir}`.", "",
+             "Test-set metrics on y = 1/(1+exp(-0.1 ln IC50)) (RMSE LN IC50 on the ln IC50 scale); "
+             "mean ± std over seeds where there are several. Zero-shot PCC: the pretrained model with "
+             "no regression head, predicting the number text nearest to the sample.", ""]
+    for split, rows in groups.items():
+        lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(run_dir, rows, split)})", ""]
+    lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]), ""]
+    if "drug_blind" in groups and (fig := fig_per_drug(run_dir, groups["drug_blind"])):
+        lines += ["## Per-drug PCC, drug-blind", "", f"![per-drug PCC]({fig})", ""]
+    fig, order_lines = fig_number_similarity(run_dir, results)
+    if fig:
+        lines += ["## Do the number texts learn that numbers are ordered?", "",
+                  "Cosine similarity of the pretrained number-tower features of the 1000 number texts "
+                  "(\"zero point zero zero zero\" ... \"zero point nine nine nine\"). Order score: Spearman "
+                  "correlation of pair similarity with minus the pair's distance |i - j|.", "",
+                  *order_lines, "", f"![number-text similarity]({fig})", ""]
+    if fig := fig_curves(run_dir):
+        lines += ["## Training curves", "", f"![training curves]({fig})", ""]
+    lines += ["## Budget", "", *budget_lines(run_dir), ""]
+    out = run_dir / "report.md"
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    return out

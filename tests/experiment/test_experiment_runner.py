@@ -1,0 +1,67 @@
+"""The experiment runner end to end on the tiny shards (real Ray Train + DeepSpeed runs): every
+arm lands with its predictions, a rerun skips what finished, and the report is built from it."""
+import json
+
+import numpy as np
+import pytest
+
+from cldr_dist.eval.metrics import all_metrics
+from cldr_dist.eval.predict import load_predictions
+from cldr_dist.experiment.report import write_report
+from cldr_dist.experiment.runner import plan, run_experiment
+from cldr_dist.experiment.spec import load_experiment
+
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def spec(tmp_path, tiny_shards):
+    path = tmp_path / "tiny.yaml"
+    path.write_text((REPO / "configs" / "experiments" / "tiny.yaml").read_text())
+    return load_experiment(path, [
+        f"experiment.out={tmp_path / 'out'}", "classical.gbm_iters=10", "classical.morgan_bits=256",
+        f"common.data.shards={tiny_shards}",
+        f"common.train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+        "common.train.max_steps=4", "common.train.batch_size=16", "common.train.zeroshot_samples=32"])
+
+
+def test_experiment_runs_every_arm_resumes_and_reports(ray_local, spec):
+    logs = []
+    run_dir = run_experiment(spec, log=logs.append)
+    arms = plan(spec)
+    results = {a.key: json.loads((run_dir / "results" / f"{a.key}.json").read_text()) for a in arms}
+    assert {r["arm"] for r in results.values()} == {"train_mean", "drug_mean", "ridge", "gbm", "base", "cldr"}
+    for key, r in results.items():
+        pred = load_predictions(str(run_dir / "predictions" / f"{key}.npz"))
+        assert len(pred["y"]) == len(pred["p"]) == len(pred["drug_ids"]) > 0
+        assert r["metrics"]["pcc"] == pytest.approx(all_metrics(pred["y"], pred["p"])["pcc"])  # from these predictions
+    cldr = results["mixed-graphdrp-cldr-s171"]
+    assert cldr["stages"]["pretrain"]["step"] == cldr["stages"]["finetune"]["step"] == 4
+    assert -1 <= cldr["zeroshot_pcc"] <= 1
+    assert np.load(run_dir / "number_texts" / "mixed-graphdrp-cldr-s171.npy").shape == (1000, 128)
+
+    # a stopped experiment: the CLDR finetune never recorded, everything else did
+    (run_dir / "results" / "mixed-graphdrp-cldr-s171.json").unlink()
+    (run_dir / "stages" / "mixed-graphdrp-cldr-s171-finetune.json").unlink()
+    logs.clear()
+    run_experiment(spec, log=logs.append)
+    assert sum("finished earlier" in line for line in logs) == len(arms) - 1
+    assert [line.strip() for line in logs if "ray run" in line] == ["finetune: ray run tiny-mixed-graphdrp-cldr-s171-finetune"]
+
+    report = write_report(run_dir).read_text()
+    assert "| graphdrp (cldr) | 1 |" in report and "| classical: ridge | 1 |" in report
+    assert "Mixed, GraphDRP MSE-only PCC" in report and "order score" in report
+    for figure in ("pred_vs_true_mixed.png", "number_text_similarity.png", "training_curves.png"):
+        assert (run_dir / "figures" / figure).stat().st_size > 10_000
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path, spec):
+    from cldr_dist.config import ConfigError
+    from cldr_dist.experiment.runner import pin_spec
+    pin_spec(spec)
+    spec.layers["pretrain"]["train"]["lr"] = 0.1
+    with pytest.raises(ConfigError, match="was started with other layers settings"):
+        pin_spec(spec)
+    spec.layers["pretrain"]["train"]["lr"] = 0.0005
+    spec.seeds = [171, 172]   # more seeds: the same experiment, extended
+    pin_spec(spec)
