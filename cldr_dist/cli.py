@@ -39,7 +39,7 @@ def cmd_experiment(args) -> None:
 
 def cmd_report(args) -> None:
     from cldr_dist.experiment.report import write_report
-    print(f"report: {write_report(args.run_dir)}")
+    print(f"report: {write_report(args.run_dir, args.out)}")
 
 
 # these read their own files instead of a training config
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "common|pretrain|finetune.section.key=value")
     q = sub.add_parser("report", help="report.md and figures of an experiment run directory")
     q.add_argument("run_dir", help="the experiment's run directory (experiment.out/experiment.name)")
+    q.add_argument("--out", help="write report.md and figures/ here instead (e.g. docs/results/NAME)")
     return parser
 
 

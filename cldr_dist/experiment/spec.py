@@ -28,6 +28,7 @@ from cldr_dist.eval.classical import BASELINES, ClassicalConfig
 ARMS = ("base", "cldr")
 STAGES = ("common", "pretrain", "finetune")
 SPLITS = ("mixed", "cell_blind", "drug_blind")
+INTERNAL_FIELDS = ("classical", "layers", "command")   # not settable as experiment.KEY
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ExperimentSpec:
     variants: dict = field(default_factory=dict)      # name -> {pretrain: sections, finetune: sections}
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     layers: dict = field(default_factory=lambda: {s: {} for s in STAGES})
+    command: str = ""               # how it was started, for the report (set by load_experiment)
 
     @property
     def run_dir(self) -> Path:
@@ -53,8 +55,8 @@ class ExperimentSpec:
 def _set_fields(obj, values: dict, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
-        if key not in hints or key in ("classical", "layers"):
-            known = [k for k in hints if k not in ("classical", "layers")]
+        if key not in hints or key in INTERNAL_FIELDS:
+            known = [k for k in hints if k not in INTERNAL_FIELDS]
             raise ConfigError(f"unknown key {where}.{key}; known: {', '.join(known)}")
         if key == "variants":
             if not isinstance(value, dict):
@@ -126,6 +128,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSp
             raise ConfigError(f"override {item!r}: use experiment.KEY, classical.KEY or "
                               f"{'|'.join(STAGES)}.SECTION.KEY")
     check(spec)
+    spec.command = " ".join(["cldr experiment --config", str(path), *overrides])
     return spec
 
 
