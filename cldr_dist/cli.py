@@ -28,12 +28,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_experiment(args) -> None:
     from cldr_dist.experiment.report import write_report
-    from cldr_dist.experiment.runner import run_experiment
+    from cldr_dist.experiment.runner import ExperimentError, run_experiment
     from cldr_dist.experiment.spec import load_experiment
     if not args.config:
         raise ConfigError("cldr experiment needs --config configs/experiments/NAME.yaml")
     spec = load_experiment(args.config, args.overrides)
-    run_dir = run_experiment(spec)
+    try:
+        run_dir = run_experiment(spec)
+    except ExperimentError as e:
+        print(f"cldr experiment: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"report: {write_report(run_dir)}")
 
 
