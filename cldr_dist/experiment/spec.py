@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from cldr_dist.config import Config, ConfigError, apply_setting, coerce, validate
+from cldr_dist.config import Config, ConfigError, apply_setting, coerce, read_sections, validate
 from cldr_dist.eval.classical import BASELINES, ClassicalConfig
 
 ARMS = ("base", "cldr")
@@ -92,18 +92,9 @@ def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed:
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = read_sections(path, "experiment")
     spec = ExperimentSpec(name=path.stem)
     for top, values in raw.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {top!r} must be a mapping")
         if top == "experiment":
             _set_fields(spec, values, "experiment")
         elif top == "classical":
