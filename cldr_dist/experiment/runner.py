@@ -196,7 +196,7 @@ def run_experiment(spec: ExperimentSpec, log=print) -> Path:
                    variant=arm.variant, wall_s=time.time() - t0)
         write_json(path, out)
         m = out["metrics"]
-        log(f"    test pcc {m['pcc']:.4f} rmse {m['rmse']:.4f}"
+        log(f"    test pcc {round(m['pcc'], 4) + 0.0:.4f} rmse {m['rmse']:.4f}"
             + (f" zero-shot pcc {out['zeroshot_pcc']:.4f}" if out.get("zeroshot_pcc") is not None else "")
             + f" ({out['wall_s']:.0f}s)")
     return spec.run_dir
