@@ -51,7 +51,7 @@ TAR_CHKSUM_SPACES = 8 * ord(" ")
 TAR_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2).ljust(
     TAR_BLOCK - TAR_NAME_BYTES - len(TAR_MODE_IDS) - 12 - len(TAR_MTIME) - 8, b"\0")
 TAR_TAIL_SUM = sum(TAR_TAIL)
-ROW_DTYPE = np.int32    # drug/cell row per response row: 4 bytes a row, not a Python int
+ROW_DTYPE = np.int32    # drug/cell row per response row (at most): 4 bytes a row, not a Python int
 ENCODE_BLOCK = 2000     # captions made per block: bounds the token arrays held at once
 SMILES_FIELD = "{smiles}"  # where CAPTION_TEMPLATE's drug part ends and its cell part begins
 
@@ -102,16 +102,24 @@ class CaptionIds:
         head, tail = CAPTION_TEMPLATE.split(SMILES_FIELD)
         drug_text = [head + w for w in drug_words]
         cell_text = [tail.format(cell=n) for n in cell_names]
-        self.drug_ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(drug_text, add_special_tokens=False)]
-        self.cell_ids = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(cell_text, add_special_tokens=False)]
+        # encoded ENCODE_BLOCK texts at a time: an Encoding (tokens, offsets, masks) is far larger
+        # than its ids, and there are as many cell texts as cell lines
+        self.drug_ids = self._encode_pieces(drug_text)
+        self.cell_ids = self._encode_pieces(cell_text)
         self.sos = np.asarray([tokenizer.token_to_id(SOS)], dtype=np.int64)
         self.eos = np.asarray([tokenizer.token_to_id(EOS)], dtype=np.int64)
         n = max(len(drug_words), len(cell_names))
         d, c = np.arange(n) % len(drug_words), np.arange(n) % len(cell_names)
-        full = encode_all(tokenizer, list(iter_captions(drug_words, cell_names, d, c)))
-        if any(self.pair_ids(i, j).tolist() != ids for i, j, ids in zip(d.tolist(), c.tolist(), full)):
-            raise RuntimeError("caption ids are not the concatenation of their drug and cell parts: "
-                               "the tokenizer no longer splits on whitespace alone")
+        for start in range(0, n, ENCODE_BLOCK):
+            bd, bc = d[start:start + ENCODE_BLOCK], c[start:start + ENCODE_BLOCK]
+            full = encode_all(tokenizer, list(iter_captions(drug_words, cell_names, bd, bc)))
+            if any(self.pair_ids(i, j).tolist() != ids for i, j, ids in zip(bd.tolist(), bc.tolist(), full)):
+                raise RuntimeError("caption ids are not the concatenation of their drug and cell parts: "
+                                   "the tokenizer no longer splits on whitespace alone")
+
+    def _encode_pieces(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for start in range(0, len(texts), ENCODE_BLOCK)
+                for e in self.tokenizer.encode_batch(texts[start:start + ENCODE_BLOCK], add_special_tokens=False)]
 
     def __len__(self) -> int:
         return len(self.drows)
@@ -128,17 +136,26 @@ class CaptionIds:
 
 def iter_captions(drug_words: list[str], cell_names: list[str], drows: np.ndarray, crows: np.ndarray):
     """The captions of these (drug row, cell row) pairs, one at a time: the text of
-    tokenizer.caption_words, with each drug's SMILES split once (drug_words) instead of per row."""
-    for d, c in zip(drows.tolist(), crows.tolist()):
-        yield CAPTION_TEMPLATE.format(smiles=drug_words[d], cell=cell_names[c])
+    tokenizer.caption_words, with each drug's SMILES split once (drug_words) instead of per row.
+    Rows become Python ints ENCODE_BLOCK at a time (all at once, they were ~40 bytes a row)."""
+    for start in range(0, len(drows), ENCODE_BLOCK):
+        for d, c in zip(drows[start:start + ENCODE_BLOCK].tolist(), crows[start:start + ENCODE_BLOCK].tolist()):
+            yield CAPTION_TEMPLATE.format(smiles=drug_words[d], cell=cell_names[c])
+
+
+def _rows_in(column: pd.Series, ids: list[str]) -> np.ndarray:
+    """Each value's position in ids: load_tables' categorical columns are already those
+    positions (their codes, used as they are: no copy); other columns are looked up."""
+    if isinstance(column.dtype, pd.CategoricalDtype) and column.array.categories.equals(pd.Index(ids)):
+        return column.array.codes
+    return pd.Index(ids).get_indexer(column).astype(ROW_DTYPE)
 
 
 def table_rows(tables: GDSCTables) -> tuple[np.ndarray, np.ndarray]:
-    """Each response row's drug row and cell row in the lookup tables (int32: 4 bytes a row)."""
+    """Each response row's drug row and cell row in the lookup tables (small ints: 2 bytes a row
+    each below 32,768 drugs/cells, at most ROW_DTYPE's 4)."""
     resp = tables.responses
-    drows = pd.Index([d.drug_id for d in tables.drugs]).get_indexer(resp["drug_id"])
-    crows = pd.Index(tables.cell_ids).get_indexer(resp["cosmic_id"])
-    return drows.astype(ROW_DTYPE), crows.astype(ROW_DTYPE)
+    return _rows_in(resp["drug_id"], [d.drug_id for d in tables.drugs]), _rows_in(resp["cosmic_id"], tables.cell_ids)
 
 
 def prepare(tables: GDSCTables, vocab_size: int):

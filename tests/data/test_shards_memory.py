@@ -67,7 +67,7 @@ def scaled(tables, k: int):
     """k x the tables' rows: every cell line cloned k times under new ids (pairs stay distinct)."""
     ids = [f"{c}_s{i}" for i in range(k) for c in tables.cell_ids]
     names = [f"{n}_s{i}" for i in range(k) for n in tables.cell_names]
-    resp = pd.concat([tables.responses.assign(cosmic_id=tables.responses["cosmic_id"] + f"_s{i}")
+    resp = pd.concat([tables.responses.assign(cosmic_id=tables.responses["cosmic_id"].astype(str) + f"_s{i}")
                       for i in range(k)], ignore_index=True)
     return replace(tables, cell_ids=ids, cell_names=names, responses=resp,
                    cell_features=np.tile(tables.cell_features, (k, 1)))

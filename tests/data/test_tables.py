@@ -93,3 +93,40 @@ def test_cli_error_is_one_line_and_writes_nothing(data_dir, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "missing file" in proc.stderr and "drugs.csv" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_chunked_reading_does_not_change_the_result(data_dir, monkeypatch):
+    """load_tables reads responses and cell lines in chunks and finds duplicate pairs with a
+    cells x drugs table (or, past MAX_SEEN_TABLE, one key per row): the result and the bad rows
+    are the same for any chunk size and either duplicate check, and a kept row costs 12 bytes."""
+    from cldr_dist.data import tables as tables_mod
+
+    def edit_responses(rows):
+        header, body = rows[0], rows[1:]
+        for i in range(0, len(body), 7):
+            body[i][2] = ["x", "", "inf", "1e300", "-50", " 3.5 "][i % 6]
+        for i in range(3, len(body), 11):
+            body[i][0] = ["999", "", body[i][0] + "x"][i % 3]
+        body += [list(body[j]) for j in range(0, len(body), 5)] + [list(body[10])] * 20
+        return [header] + body
+
+    def edit_cells(rows):
+        rows[4][7] = "x"
+        rows[5][0] = rows[3][0]
+        rows[6][0] = ""
+        return rows + [list(rows[9])]
+    rewrite(data_dir / "responses.csv.gz", edit_responses)
+    rewrite(data_dir / "cell_lines.csv.gz", edit_cells)
+
+    def summary(t):
+        return ([(b.file, b.line, b.reason) for b in t.bad_rows], [d.drug_id for d in t.drugs], t.cell_ids,
+                t.cell_names, t.cell_features.tobytes(), t.responses["cosmic_id"].tolist(),
+                t.responses["drug_id"].tolist(), t.responses["ln_ic50"].tolist())
+    default = load_tables(data_dir)
+    assert sum(b.reason == "duplicate (cosmic_id, drug_id) pair" for b in default.bad_rows) > 150
+    assert default.responses.memory_usage(index=False, deep=True).sum() <= 12 * len(default.responses) + 10_000
+    for chunk, cell_chunk, seen_table in ((7, 5, tables_mod.MAX_SEEN_TABLE), (50, 3, 0), (1, 1, 0)):
+        monkeypatch.setattr(tables_mod, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(tables_mod, "CELL_CHUNK_ROWS", cell_chunk)
+        monkeypatch.setattr(tables_mod, "MAX_SEEN_TABLE", seen_table)
+        assert summary(load_tables(data_dir)) == summary(default)
