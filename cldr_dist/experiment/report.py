@@ -273,13 +273,32 @@ def _save(fig, dest: Path, name: str) -> str:
 # ----------------------------------------------------------------------------- the report
 
 def budget_lines(run_dir: Path) -> list[str]:
-    lines = ["| training run | mode | epochs | steps | global batch | wall (min) |", "|---|---|---|---|---|---|"]
+    lines = ["| training run | mode | optimizer steps | global batch | samples seen | wall (min) |",
+             "|---|---|---|---|---|---|"]
     for path in sorted((run_dir / "stages").glob("*.json")):
         s = json.loads(path.read_text())
         cfg = s["config"]
-        gb = cfg["train"]["batch_size"] * cfg["ray"]["num_workers"]
-        lines.append(f"| {path.stem} | {s['mode']} | {cfg['train']['epochs']} | {s['metrics'].get('step', '-')} "
-                     f"| {gb} | {s['wall_s'] / 60:.1f} |")
+        gb = cfg["train"]["batch_size"] * cfg["ray"]["num_workers"] * cfg["train"]["grad_accum"]
+        steps = s["metrics"].get("step")
+        seen = f"{steps * gb:,}" if steps else "-"
+        lines.append(f"| {path.stem} | {s['mode']} | {steps or '-'} | {gb} | {seen} | {s['wall_s'] / 60:.1f} |")
+    return lines
+
+
+def per_drug_lines(run_dir: Path, rows: dict[str, list[dict]]) -> list[str]:
+    """For each base model with both arms: on how many held-out drugs CLDR's PCC is higher."""
+    lines = []
+    for label in rows:
+        if not label.endswith("(MSE only)") or f"{label.split(' (')[0]} (cldr)" not in rows:
+            continue
+        model = label.split(" (")[0]
+        base, cldr = (per_drug_pcc(load_predictions(str(run_dir / "predictions" / f"{rows[lbl][0]['key']}.npz")))
+                      for lbl in (label, f"{model} (cldr)"))
+        drugs = sorted(set(base) & set(cldr))
+        if drugs:
+            wins = sum(cldr[d] > base[d] for d in drugs)
+            lines.append(f"- {model}: CLDR's per-drug PCC is higher on {wins} of {len(drugs)} drugs; median "
+                         f"{np.median([base[d] for d in drugs]):.3f} (MSE only) vs {np.median([cldr[d] for d in drugs]):.3f} (CLDR)")
     return lines
 
 
@@ -304,7 +323,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(run_dir, dest, rows, split)})", ""]
     lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]), ""]
     if "drug_blind" in groups and (fig := fig_per_drug(run_dir, dest, groups["drug_blind"])):
-        lines += ["## Per-drug PCC, drug-blind", "", f"![per-drug PCC]({fig})", ""]
+        lines += ["## Per-drug PCC, drug-blind", "", *per_drug_lines(run_dir, groups["drug_blind"]), "",
+                  f"![per-drug PCC]({fig})", ""]
     fig, order_lines = fig_number_similarity(run_dir, dest, results)
     if fig:
         lines += ["## Do the number texts learn that numbers are ordered?", "",
