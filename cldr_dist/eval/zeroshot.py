@@ -34,7 +34,8 @@ def zeroshot_predict(model, batches: Iterable[DRPBatch], numbers: NumberTexts,
     was_training = model.training
     model.eval()
     device = model.logit_scale.device
-    number_feats = model.encode_number_texts(numbers.ids.to(device), numbers.lens.to(device))
+    number_feats = model.encode_number_texts(numbers.ids.to(device), numbers.lens.to(device),
+                                             numbers.index.to(device))
     ys, preds = [], []
     for batch in batches:
         batch = batch.to(device)

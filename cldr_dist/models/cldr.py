@@ -41,29 +41,31 @@ class CLDRModel(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
 
-    def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor,
+                            index: torch.Tensor | None = None) -> torch.Tensor:
         """(K, L) number-text token ids -> (K, 128) number-tower features (not normalised);
-        zero-shot pairs them with each caption, TransE uses them as entity embeddings."""
-        return self.text.number(token_ids, lens)
+        zero-shot pairs them with each caption, TransE uses them as entity embeddings.
+        index (K,): which number texts these are; the MiniLM tower needs it (its own ids)."""
+        return self.text.encode_numbers(token_ids, lens, index)
 
     def batch_number_features(self, batch: DRPBatch) -> torch.Tensor:
         if not self.dedup_numbers:
-            return self.encode_number_texts(batch.number, batch.number_len)
+            return self.encode_number_texts(batch.number, batch.number_len, batch.number_index)
         # y clusters around 0.5: a batch of 256 holds far fewer distinct number texts
         uniq, inverse = torch.unique(batch.number_index, return_inverse=True)
         first = torch.empty_like(uniq).scatter_(0, inverse, torch.arange(len(inverse), device=inverse.device))
-        return self.encode_number_texts(batch.number[first], batch.number_len[first])[inverse]
+        return self.encode_number_texts(batch.number[first], batch.number_len[first], uniq)[inverse]
 
     def forward(self, batch: DRPBatch) -> CLDROutput:
         prediction, sample = self.drp(batch)
-        caption = self.text.caption(batch.caption, batch.caption_len)
+        caption = self.text.encode_captions(batch)
         text = self.text.fuse(caption, self.batch_number_features(batch))
         return CLDROutput(F.normalize(sample, dim=-1), F.normalize(text, dim=-1),
                           self.scale(), prediction)
 
     def pair_text_embeddings(self, batch: DRPBatch, number_feats: torch.Tensor) -> torch.Tensor:
         """Every caption of the batch with every number text: (B, K, D), L2-normalised."""
-        caption = self.text.caption(batch.caption, batch.caption_len)
+        caption = self.text.encode_captions(batch)
         return F.normalize(self.text.fuse(caption[:, None, :], number_feats[None, :, :]), dim=-1)
 
 
