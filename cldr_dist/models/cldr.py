@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from cldr_dist.config import LossConfig, ModelConfig
 from cldr_dist.data.batch import DRPBatch
 from cldr_dist.models.drp.base import build_drp
 from cldr_dist.models.text import TextEncoder
+
+if TYPE_CHECKING:
+    from cldr_dist.models.minilm import MiniLMTextEncoder
 
 DEFAULT_TEXT_BUCKETS = 4   # caption length buckets; 0 = run captions as padded (the paper)
 
@@ -28,7 +31,7 @@ class CLDROutput(NamedTuple):
 
 
 class CLDRModel(nn.Module):
-    def __init__(self, drp: nn.Module, text: TextEncoder, init_logit_scale: float,
+    def __init__(self, drp: nn.Module, text: TextEncoder | MiniLMTextEncoder, init_logit_scale: float,
                  max_logit_scale: float, dedup_numbers: bool = True):
         super().__init__()
         self.drp = drp
@@ -73,5 +76,9 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int,
                 num_cell_features: int, text_buckets: int = DEFAULT_TEXT_BUCKETS,
                 dedup_numbers: bool = True) -> CLDRModel:
     drp = build_drp(model_cfg, num_cell_features)
-    text = TextEncoder(vocab_size, model_cfg, num_buckets=text_buckets)
+    if model_cfg.text_tower == "minilm":
+        from cldr_dist.models.minilm import MiniLMTextEncoder
+        text = MiniLMTextEncoder(model_cfg)
+    else:
+        text = TextEncoder(vocab_size, model_cfg, num_buckets=text_buckets)
     return CLDRModel(drp, text, loss_cfg.init_logit_scale, loss_cfg.max_logit_scale, dedup_numbers)
