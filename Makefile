@@ -12,7 +12,9 @@ DATA    ?= data/gdsc_v17
 SHARDS  ?= shards/gdsc_v17
 TINY_SHARDS := shards/tiny
 
-.PHONY: setup shards shards-tiny demo test test-all bench clean
+EXPERIMENT ?= gdsc_cpu
+
+.PHONY: setup shards shards-tiny demo experiment report test test-all bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +40,17 @@ shards-tiny: setup
 
 demo: setup shards-tiny
 	$(PY) -m cldr_dist.demo --config configs/demo.yaml
+
+# Base models with MSE only vs CLDR pretrain + finetune, classical baselines, then the report;
+# rerunning resumes. configs/experiments/$(EXPERIMENT).yaml names the shards it reads.
+$(SHARDS)/manifest.json: $(wildcard $(DATA)/*.csv*) | $(STAMP)
+	$(CLDR) shards --data $(DATA) --out $(SHARDS)
+
+experiment: setup $(SHARDS)/manifest.json
+	$(CLDR) experiment --config configs/experiments/$(EXPERIMENT).yaml
+
+report: setup
+	$(CLDR) report runs/experiments/$(EXPERIMENT)
 
 # One BLAS thread per process: with 2 cores shared by Ray workers, two threads each mostly wait.
 # pytest exits 5 when it collects nothing; that is a failure here too, never a silent pass.

@@ -28,18 +28,22 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_experiment(args) -> None:
     from cldr_dist.experiment.report import write_report
-    from cldr_dist.experiment.runner import run_experiment
+    from cldr_dist.experiment.runner import ExperimentError, run_experiment
     from cldr_dist.experiment.spec import load_experiment
     if not args.config:
         raise ConfigError("cldr experiment needs --config configs/experiments/NAME.yaml")
     spec = load_experiment(args.config, args.overrides)
-    run_dir = run_experiment(spec)
+    try:
+        run_dir = run_experiment(spec)
+    except ExperimentError as e:
+        print(f"cldr experiment: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"report: {write_report(run_dir)}")
 
 
 def cmd_report(args) -> None:
     from cldr_dist.experiment.report import write_report
-    print(f"report: {write_report(args.run_dir)}")
+    print(f"report: {write_report(args.run_dir, args.out)}")
 
 
 # these read their own files instead of a training config
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "common|pretrain|finetune.section.key=value")
     q = sub.add_parser("report", help="report.md and figures of an experiment run directory")
     q.add_argument("run_dir", help="the experiment's run directory (experiment.out/experiment.name)")
+    q.add_argument("--out", help="write report.md and figures/ here instead (e.g. docs/results/NAME)")
     return parser
 
 

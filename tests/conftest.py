@@ -61,6 +61,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RestartableS3:
+    """A moto S3 server on a fixed 127.0.0.1 port that can go away and come back. Its buckets
+    live in this process, so a restart brings the store back with what it held: an endpoint
+    outage, not data loss."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server (moto in server mode) over HTTP on 127.0.0.1, stopped at session end.

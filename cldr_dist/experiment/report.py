@@ -163,7 +163,7 @@ def _plt():
     return plt
 
 
-def fig_pred_vs_true(run_dir: Path, rows: dict[str, list[dict]], split: str) -> str:
+def fig_pred_vs_true(run_dir: Path, dest: Path, rows: dict[str, list[dict]], split: str) -> str:
     plt = _plt()
     labels = [lbl for lbl in rows if lbl not in ("classical: train_mean",)]
     cols = min(4, len(labels))
@@ -180,7 +180,7 @@ def fig_pred_vs_true(run_dir: Path, rows: dict[str, list[dict]], split: str) -> 
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     fig.suptitle(f"{split}: predicted against true (test set, first seed)", fontsize=10)
-    return _save(fig, run_dir, f"pred_vs_true_{split}.png")
+    return _save(fig, dest, f"pred_vs_true_{split}.png")
 
 
 def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -193,7 +193,7 @@ def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def fig_curves(run_dir: Path) -> str | None:
+def fig_curves(run_dir: Path, dest: Path) -> str | None:
     curves = sorted((run_dir / "curves").glob("*.csv"))
     if not curves:
         return None
@@ -214,10 +214,10 @@ def fig_curves(run_dir: Path) -> str | None:
         ax.set_xlabel("optimizer step", fontsize=8)
         if ax.lines:
             ax.legend(fontsize=5)
-    return _save(fig, run_dir, "training_curves.png")
+    return _save(fig, dest, "training_curves.png")
 
 
-def fig_number_similarity(run_dir: Path, results: list[dict]) -> tuple[str | None, list[str]]:
+def fig_number_similarity(run_dir: Path, dest: Path, results: list[dict]) -> tuple[str | None, list[str]]:
     pretrained = [r for r in sorted(results, key=row_order) if (run_dir / "number_texts" / f"{r['key']}.npy").is_file()]
     firsts = {}
     for r in pretrained:
@@ -235,10 +235,10 @@ def fig_number_similarity(run_dir: Path, results: list[dict]) -> tuple[str | Non
         ax.set_xlabel("number text index (y x 1000)", fontsize=7)
         lines.append(f"- {r['model']} {r['arm']} ({r['split']}, seed {r['seed']}): order score {score:.3f}")
     fig.colorbar(im, ax=list(axes.flat), shrink=0.8)
-    return _save(fig, run_dir, "number_text_similarity.png"), lines
+    return _save(fig, dest, "number_text_similarity.png"), lines
 
 
-def fig_per_drug(run_dir: Path, rows: dict[str, list[dict]]) -> str | None:
+def fig_per_drug(run_dir: Path, dest: Path, rows: dict[str, list[dict]]) -> str | None:
     deep = [lbl for lbl in rows if not lbl.startswith("classical") or lbl.endswith(("ridge", "gbm"))]
     per = {lbl: per_drug_pcc(load_predictions(str(run_dir / "predictions" / f"{rows[lbl][0]['key']}.npz")))
            for lbl in deep}
@@ -256,17 +256,17 @@ def fig_per_drug(run_dir: Path, rows: dict[str, list[dict]]) -> str | None:
     ax.set_ylabel("PCC over the drug's test cell lines")
     ax.set_title("drug-blind: per-drug PCC of the held-out drugs (first seed)", fontsize=9)
     ax.legend(fontsize=6)
-    return _save(fig, run_dir, "per_drug_pcc_drug_blind.png")
+    return _save(fig, dest, "per_drug_pcc_drug_blind.png")
 
 
-def _save(fig, run_dir: Path, name: str) -> str:
-    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "figures" / f".{name}.tmp.png"
+def _save(fig, dest: Path, name: str) -> str:
+    (dest / "figures").mkdir(parents=True, exist_ok=True)
+    tmp = dest / "figures" / f".{name}.tmp.png"
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     fig.savefig(tmp, dpi=FIGURE_DPI)
     _plt().close(fig)
-    tmp.replace(run_dir / "figures" / name)
+    tmp.replace(dest / "figures" / name)
     return f"figures/{name}"
 
 
@@ -283,8 +283,10 @@ def budget_lines(run_dir: Path) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """RUN_DIR/report.md (or OUT/report.md, e.g. under docs/results/) with its figures beside it."""
     run_dir = Path(run_dir)
+    dest = Path(out) if out else run_dir
     if not (run_dir / "experiment.json").is_file():
         raise ReportError(f"{run_dir}: not an experiment run directory (no experiment.json)")
     meta = json.loads((run_dir / "experiment.json").read_text())
@@ -293,27 +295,28 @@ def write_report(run_dir: str | Path) -> Path:
     m = meta["machine"]
     lines = [f"# Experiment {meta['spec']['name']}", "",
              f"Machine: {m['host']}, {m['cpus']} CPUs, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}, "
-             f"torch {m['torch']}. Rebuild with `cldr report {run_dir}`.", "",
+             f"torch {m['torch']}.", "",
+             f"Produced by `{meta['spec'].get('command') or 'cldr experiment'}`, then `cldr report {run_dir}`.", "",
              "Test-set metrics on y = 1/(1+exp(-0.1 ln IC50)) (RMSE LN IC50 on the ln IC50 scale); "
              "mean ± std over seeds where there are several. Zero-shot PCC: the pretrained model with "
              "no regression head, predicting the number text nearest to the sample.", ""]
     for split, rows in groups.items():
-        lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(run_dir, rows, split)})", ""]
+        lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(run_dir, dest, rows, split)})", ""]
     lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]), ""]
-    if "drug_blind" in groups and (fig := fig_per_drug(run_dir, groups["drug_blind"])):
+    if "drug_blind" in groups and (fig := fig_per_drug(run_dir, dest, groups["drug_blind"])):
         lines += ["## Per-drug PCC, drug-blind", "", f"![per-drug PCC]({fig})", ""]
-    fig, order_lines = fig_number_similarity(run_dir, results)
+    fig, order_lines = fig_number_similarity(run_dir, dest, results)
     if fig:
         lines += ["## Do the number texts learn that numbers are ordered?", "",
                   "Cosine similarity of the pretrained number-tower features of the 1000 number texts "
                   "(\"zero point zero zero zero\" ... \"zero point nine nine nine\"). Order score: Spearman "
                   "correlation of pair similarity with minus the pair's distance |i - j|.", "",
                   *order_lines, "", f"![number-text similarity]({fig})", ""]
-    if fig := fig_curves(run_dir):
+    if fig := fig_curves(run_dir, dest):
         lines += ["## Training curves", "", f"![training curves]({fig})", ""]
     lines += ["## Budget", "", *budget_lines(run_dir), ""]
-    out = run_dir / "report.md"
-    tmp = run_dir / ".report.md.tmp"
+    report = dest / "report.md"
+    tmp = dest / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    return out
+    tmp.replace(report)
+    return report

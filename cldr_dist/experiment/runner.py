@@ -113,9 +113,12 @@ def run_stage(spec: ExperimentSpec, cfg: Config, run: str, log) -> dict:
     cfg.ray.storage_path = storage_path(spec)
     log(f"    {cfg.train.mode}: ray run {cfg.ray.name}")
     t0 = time.time()
-    result = trainer.run(cfg)
-    if result.error:
-        raise ExperimentError(f"{cfg.train.mode} run {cfg.ray.name} failed: {result.error}")
+    try:
+        result = trainer.run(cfg)  # Ray Train raises a failed run's error from fit()
+    except Exception as e:  # noqa: BLE001 - reported as one line naming the run and its logs
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExperimentError(f"{cfg.train.mode} run {cfg.ray.name} failed ({type(e).__name__}: {first_line}); "
+                              f"logs under {trainer.log_dir(cfg)}; rerun the same command to resume") from e
     curve = Path(trainer.log_dir(cfg)) / f"{cfg.train.mode}_metrics.csv"
     if curve.is_file():
         (spec.run_dir / "curves").mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from cldr_dist.config import Config, ConfigError, apply_setting, coerce, validate
+from cldr_dist.config import Config, ConfigError, apply_setting, coerce, read_sections, validate
 from cldr_dist.eval.classical import BASELINES, ClassicalConfig
 
 ARMS = ("base", "cldr")
 STAGES = ("common", "pretrain", "finetune")
 SPLITS = ("mixed", "cell_blind", "drug_blind")
+INTERNAL_FIELDS = ("classical", "layers", "command")   # not settable as experiment.KEY
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ExperimentSpec:
     variants: dict = field(default_factory=dict)      # name -> {pretrain: sections, finetune: sections}
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     layers: dict = field(default_factory=lambda: {s: {} for s in STAGES})
+    command: str = ""               # how it was started, for the report (set by load_experiment)
 
     @property
     def run_dir(self) -> Path:
@@ -53,8 +55,8 @@ class ExperimentSpec:
 def _set_fields(obj, values: dict, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
-        if key not in hints or key in ("classical", "layers"):
-            known = [k for k in hints if k not in ("classical", "layers")]
+        if key not in hints or key in INTERNAL_FIELDS:
+            known = [k for k in hints if k not in INTERNAL_FIELDS]
             raise ConfigError(f"unknown key {where}.{key}; known: {', '.join(known)}")
         if key == "variants":
             if not isinstance(value, dict):
@@ -90,18 +92,9 @@ def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed:
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = read_sections(path, "experiment")
     spec = ExperimentSpec(name=path.stem)
     for top, values in raw.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {top!r} must be a mapping")
         if top == "experiment":
             _set_fields(spec, values, "experiment")
         elif top == "classical":
@@ -126,6 +119,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSp
             raise ConfigError(f"override {item!r}: use experiment.KEY, classical.KEY or "
                               f"{'|'.join(STAGES)}.SECTION.KEY")
     check(spec)
+    spec.command = " ".join(["cldr experiment --config", str(path), *overrides])
     return spec
 
 

@@ -25,7 +25,7 @@ def spec(tmp_path, tiny_shards):
         "common.train.max_steps=4", "common.train.batch_size=16", "common.train.zeroshot_samples=32"])
 
 
-def test_experiment_runs_every_arm_resumes_and_reports(ray_local, spec):
+def test_experiment_runs_every_arm_resumes_and_reports(ray_local, spec, capsys):
     logs = []
     run_dir = run_experiment(spec, log=logs.append)
     arms = plan(spec)
@@ -39,6 +39,15 @@ def test_experiment_runs_every_arm_resumes_and_reports(ray_local, spec):
     assert cldr["stages"]["pretrain"]["step"] == cldr["stages"]["finetune"]["step"] == 4
     assert -1 <= cldr["zeroshot_pcc"] <= 1
     assert np.load(run_dir / "number_texts" / "mixed-graphdrp-cldr-s171.npy").shape == (1000, 128)
+
+    # `cldr evaluate` on the finetuned checkpoint agrees with the experiment's own prediction
+    from cldr_dist import cli
+    stage = json.loads((run_dir / "stages" / "mixed-graphdrp-cldr-s171-finetune.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", stage["checkpoint"], f"data.shards={spec.layers['common']['data']['shards']}",
+                     "data.split=mixed", "train.batch_size=16"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_pcc"] == pytest.approx(cldr["metrics"]["pcc"], abs=1e-6)
 
     # a stopped experiment: the CLDR finetune never recorded, everything else did
     (run_dir / "results" / "mixed-graphdrp-cldr-s171.json").unlink()

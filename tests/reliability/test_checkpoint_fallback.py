@@ -23,7 +23,8 @@ def ray_with_logs():
 
     from cldr_dist.train.trainer import worker_env
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+             log_to_driver=True)
     try:
         yield
     finally:

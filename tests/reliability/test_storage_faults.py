@@ -21,29 +21,9 @@ import pytest
 from cldr_dist.config import load_config
 from cldr_dist.data import storage
 
-from tests.conftest import HELD_OUT, REPO, TINY, free_port
+from tests.conftest import HELD_OUT, REPO, TINY, RestartableS3, free_port
 
 SHARD_ARGS = [f"data.data_dir={TINY}", f"data.held_out_drugs={HELD_OUT}", "data.samples_per_shard=100"]
-
-
-class RestartableS3:
-    """A moto S3 server on a fixed 127.0.0.1 port that can go away and come back."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
-        self.start()
-
-    def start(self):
-        from moto.server import ThreadedMotoServer
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self):
-        if self.server:
-            self.server.stop()
-            self.server = None
 
 
 @pytest.fixture
