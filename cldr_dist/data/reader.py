@@ -35,6 +35,7 @@ from cldr_dist.data import storage
 from cldr_dist.data.batch import DRPBatch, collate
 from cldr_dist.data.features import FeatureTables
 from cldr_dist.data.shards import FORMAT_VERSION, MANIFEST
+from cldr_dist.data.wordpiece import CaptionWordPieces
 
 
 class ShardError(Exception):
@@ -248,7 +249,8 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: ShardSet, split: str, part: str, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  shuffle_buffer: int = 2000, verify_checksums: bool = True,
-                 caption_pad_to: int | None = None, number_pad_to: int | None = None):
+                 caption_pad_to: int | None = None, number_pad_to: int | None = None,
+                 wordpiece: bool = False):
         self.shards, self.split, self.part = shards, split, part
         entries = shards.part(split, part)["shards"]
         self.urls = shards.shard_urls(split, part)
@@ -258,6 +260,8 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.shuffle_buffer, self.verify = shuffle_buffer, verify_checksums
         self.caption_pad_to, self.number_pad_to = caption_pad_to, number_pad_to
+        # model.text_tower=minilm: batches also carry the captions' MiniLM WordPiece ids
+        self.wordpieces = CaptionWordPieces(shards.features) if wordpiece else None
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
@@ -313,7 +317,8 @@ class ShardStream(IterableDataset):
             yield self._collate(batch)
 
     def _collate(self, samples) -> DRPBatch:
-        return collate(samples, self.shards.features, self.caption_pad_to, self.number_pad_to)
+        return collate(samples, self.shards.features, self.caption_pad_to, self.number_pad_to,
+                       self.wordpieces)
 
 
 def part_meta(shards: ShardSet, split: str, part: str):

@@ -34,7 +34,8 @@ def zeroshot_predict(model, batches: Iterable[DRPBatch], numbers: NumberTexts,
     was_training = model.training
     model.eval()
     device = model.logit_scale.device
-    number_feats = model.encode_number_texts(numbers.ids.to(device), numbers.lens.to(device))
+    number_feats = model.encode_number_texts(numbers.ids.to(device), numbers.lens.to(device),
+                                             numbers.index.to(device))
     ys, preds = [], []
     for batch in batches:
         batch = batch.to(device)
@@ -50,4 +51,7 @@ def zeroshot_predict(model, batches: Iterable[DRPBatch], numbers: NumberTexts,
 
 def _rows(batch: DRPBatch, rows: torch.Tensor) -> DRPBatch:
     """The caption fields of some rows (all pair_text_embeddings reads)."""
-    return replace(batch, caption=batch.caption[rows], caption_len=batch.caption_len[rows])
+    wordpieces = {}
+    if batch.caption_wp is not None:   # model.text_tower=minilm
+        wordpieces = dict(caption_wp=batch.caption_wp[rows], caption_wp_len=batch.caption_wp_len[rows])
+    return replace(batch, caption=batch.caption[rows], caption_len=batch.caption_len[rows], **wordpieces)

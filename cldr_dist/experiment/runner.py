@@ -160,7 +160,7 @@ def run_deep(spec: ExperimentSpec, arm: Arm, log) -> dict:
         load_model_weights(pretrained, stages["pretrain"]["checkpoint"])
         numbers = NumberTexts(shards.features)
         with torch.no_grad():
-            feats = pretrained.eval().encode_number_texts(numbers.ids, numbers.lens).numpy()
+            feats = pretrained.eval().encode_number_texts(numbers.ids, numbers.lens, numbers.index).numpy()
         (spec.run_dir / "number_texts").mkdir(parents=True, exist_ok=True)
         np.save(spec.run_dir / "number_texts" / f"{arm.key}.npy", feats.astype(np.float32), allow_pickle=False)
     return out

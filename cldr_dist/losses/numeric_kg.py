@@ -81,13 +81,15 @@ class NumberTexts:
             ids[i, :len(s)] = s[:width]
         self.ids = torch.from_numpy(ids)
         self.lens = torch.tensor([min(len(s), width) for s in seqs])
+        self.index = torch.arange(len(seqs))   # which text each row is (the MiniLM tower reads it)
 
     def encoder(self, model) -> Callable[[torch.Tensor], torch.Tensor]:
         """indices -> model.encode_number_texts of those texts."""
         def encode(idx: torch.Tensor) -> torch.Tensor:
             idx = idx.cpu()
             device = model.logit_scale.device
-            return model.encode_number_texts(self.ids[idx].to(device), self.lens[idx].to(device))
+            return model.encode_number_texts(self.ids[idx].to(device), self.lens[idx].to(device),
+                                             idx.to(device))
         return encode
 
 

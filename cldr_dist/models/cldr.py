@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from cldr_dist.config import LossConfig, ModelConfig
 from cldr_dist.data.batch import DRPBatch
 from cldr_dist.models.drp.base import build_drp
 from cldr_dist.models.text import TextEncoder
+
+if TYPE_CHECKING:
+    from cldr_dist.models.minilm import MiniLMTextEncoder
 
 DEFAULT_TEXT_BUCKETS = 4   # caption length buckets; 0 = run captions as padded (the paper)
 
@@ -28,7 +31,7 @@ class CLDROutput(NamedTuple):
 
 
 class CLDRModel(nn.Module):
-    def __init__(self, drp: nn.Module, text: TextEncoder, init_logit_scale: float,
+    def __init__(self, drp: nn.Module, text: TextEncoder | MiniLMTextEncoder, init_logit_scale: float,
                  max_logit_scale: float, dedup_numbers: bool = True):
         super().__init__()
         self.drp = drp
@@ -41,29 +44,31 @@ class CLDRModel(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
 
-    def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor,
+                            index: torch.Tensor | None = None) -> torch.Tensor:
         """(K, L) number-text token ids -> (K, 128) number-tower features (not normalised);
-        zero-shot pairs them with each caption, TransE uses them as entity embeddings."""
-        return self.text.number(token_ids, lens)
+        zero-shot pairs them with each caption, TransE uses them as entity embeddings.
+        index (K,): which number texts these are; the MiniLM tower needs it (its own ids)."""
+        return self.text.encode_numbers(token_ids, lens, index)
 
     def batch_number_features(self, batch: DRPBatch) -> torch.Tensor:
         if not self.dedup_numbers:
-            return self.encode_number_texts(batch.number, batch.number_len)
+            return self.encode_number_texts(batch.number, batch.number_len, batch.number_index)
         # y clusters around 0.5: a batch of 256 holds far fewer distinct number texts
         uniq, inverse = torch.unique(batch.number_index, return_inverse=True)
         first = torch.empty_like(uniq).scatter_(0, inverse, torch.arange(len(inverse), device=inverse.device))
-        return self.encode_number_texts(batch.number[first], batch.number_len[first])[inverse]
+        return self.encode_number_texts(batch.number[first], batch.number_len[first], uniq)[inverse]
 
     def forward(self, batch: DRPBatch) -> CLDROutput:
         prediction, sample = self.drp(batch)
-        caption = self.text.caption(batch.caption, batch.caption_len)
+        caption = self.text.encode_captions(batch)
         text = self.text.fuse(caption, self.batch_number_features(batch))
         return CLDROutput(F.normalize(sample, dim=-1), F.normalize(text, dim=-1),
                           self.scale(), prediction)
 
     def pair_text_embeddings(self, batch: DRPBatch, number_feats: torch.Tensor) -> torch.Tensor:
         """Every caption of the batch with every number text: (B, K, D), L2-normalised."""
-        caption = self.text.caption(batch.caption, batch.caption_len)
+        caption = self.text.encode_captions(batch)
         return F.normalize(self.text.fuse(caption[:, None, :], number_feats[None, :, :]), dim=-1)
 
 
@@ -71,5 +76,9 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int,
                 num_cell_features: int, text_buckets: int = DEFAULT_TEXT_BUCKETS,
                 dedup_numbers: bool = True) -> CLDRModel:
     drp = build_drp(model_cfg, num_cell_features)
-    text = TextEncoder(vocab_size, model_cfg, num_buckets=text_buckets)
+    if model_cfg.text_tower == "minilm":
+        from cldr_dist.models.minilm import MiniLMTextEncoder
+        text = MiniLMTextEncoder(model_cfg)
+    else:
+        text = TextEncoder(vocab_size, model_cfg, num_buckets=text_buckets)
     return CLDRModel(drp, text, loss_cfg.init_logit_scale, loss_cfg.max_logit_scale, dedup_numbers)

@@ -23,6 +23,21 @@ MLP_WIDTHS = (256, 512, 512, 256)
 MLP_RATIO = 4                # CLIP's feed-forward width = 4 x width
 
 
+def fusion_mlp() -> nn.Sequential:
+    """The MLP 256 -> 512 -> 512 -> 256 over the concatenated tower features."""
+    layers = []
+    for a, b in zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])   # no ReLU on the output embedding
+
+
+def fuse_features(mlp: nn.Module, caption_feat: torch.Tensor, number_feat: torch.Tensor) -> torch.Tensor:
+    """(..., 128) + (..., 128) -> (..., 256); broadcasts, so zero-shot can pair every caption
+    with every number text."""
+    caption_feat, number_feat = torch.broadcast_tensors(caption_feat, number_feat)
+    return mlp(torch.cat([caption_feat, number_feat], dim=-1))
+
+
 class TextTower(nn.Module):
     """A causal transformer over token ids, pooled at the [EOS] position and projected."""
 
@@ -69,16 +84,20 @@ class TextEncoder(nn.Module):
         self.caption = TextTower(context=cfg.caption_context, num_buckets=num_buckets, **common)
         # number texts are all about the same length: bucketing buys nothing there
         self.number = TextTower(context=cfg.number_context, num_buckets=min(num_buckets, 1), **common)
-        layers = []
-        for a, b in zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.mlp = nn.Sequential(*layers[:-1])   # no ReLU on the output embedding
+        self.mlp = fusion_mlp()
+
+    def encode_captions(self, batch) -> torch.Tensor:
+        """A DRPBatch's captions -> (B, 128) caption-tower features."""
+        return self.caption(batch.caption, batch.caption_len)
+
+    def encode_numbers(self, token_ids: torch.Tensor, lens: torch.Tensor,
+                       index: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, L) number-text token ids -> (K, 128); `index` (which texts) is for towers that
+        tokenise the texts their own way (models/minilm.py), unused here."""
+        return self.number(token_ids, lens)
 
     def fuse(self, caption_feat: torch.Tensor, number_feat: torch.Tensor) -> torch.Tensor:
-        """(..., 128) + (..., 128) -> (..., 256); broadcasts, so zero-shot can pair every caption
-        with every number text."""
-        caption_feat, number_feat = torch.broadcast_tensors(caption_feat, number_feat)
-        return self.mlp(torch.cat([caption_feat, number_feat], dim=-1))
+        return fuse_features(self.mlp, caption_feat, number_feat)
 
     def forward(self, caption: torch.Tensor, caption_len: torch.Tensor,
                 number: torch.Tensor, number_len: torch.Tensor) -> torch.Tensor:

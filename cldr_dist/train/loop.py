@@ -56,6 +56,12 @@ def make_model(cfg: Config, shards: ShardSet) -> CLDRModel:
                        text_buckets=cfg.model.text_buckets, dedup_numbers=cfg.model.dedup_numbers)
 
 
+def uses_captions(cfg: Config) -> bool:
+    """Whether training batches need the captions' MiniLM ids: pretraining with the MiniLM
+    tower (finetuning reads only the base model's inputs)."""
+    return cfg.model.text_tower == "minilm" and cfg.train.mode == "pretrain"
+
+
 def build_objective(cfg: Config, shards: ShardSet, rank: int) -> torch.nn.Module:
     from cldr_dist.losses.numeric_kg import NumberTexts
     from cldr_dist.train.objectives import FinetuneObjective, PretrainObjective
@@ -273,7 +279,8 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
     stream = ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.batch_size, rank=rank,
                          world_size=world, seed=cfg.data.seed, shuffle=False, drop_last=False,
                          caption_pad_to=cfg.model.caption_pad_to or None,
-                         number_pad_to=cfg.model.number_pad_to or None)
+                         number_pad_to=cfg.model.number_pad_to or None,
+                         wordpiece=zero_shot and cfg.model.text_tower == "minilm")
     ys, preds, drugs, batches = [], [], [], []
     with torch.no_grad():
         for batch in make_loader(stream, 0):
@@ -369,7 +376,8 @@ def train_loop_per_worker(config: dict) -> None:
                          world_size=world, seed=cfg.data.seed, shuffle=True, drop_last=True,
                          shuffle_buffer=cfg.data.shuffle_buffer,
                          caption_pad_to=cfg.model.caption_pad_to or None,
-                         number_pad_to=cfg.model.number_pad_to or None)
+                         number_pad_to=cfg.model.number_pad_to or None,
+                         wordpiece=uses_captions(cfg))
     accum = cfg.train.grad_accum
     steps_per_epoch = len(stream) // accum
     if steps_per_epoch == 0:

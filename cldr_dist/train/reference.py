@@ -15,7 +15,7 @@ import torch
 
 from cldr_dist.config import Config, ConfigError, load_config
 from cldr_dist.data.reader import ShardStream, make_loader, open_shards
-from cldr_dist.train.loop import build_objective, evaluate
+from cldr_dist.train.loop import build_objective, evaluate, uses_captions
 
 
 def train_reference(cfg: Config, objective: torch.nn.Module | None = None, log=print) -> dict:
@@ -28,7 +28,8 @@ def train_reference(cfg: Config, objective: torch.nn.Module | None = None, log=p
     stream = ShardStream(shards, cfg.data.split, "train", batch_size=cfg.train.batch_size, seed=cfg.data.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer,
                          caption_pad_to=cfg.model.caption_pad_to or None,
-                         number_pad_to=cfg.model.number_pad_to or None)
+                         number_pad_to=cfg.model.number_pad_to or None,
+                         wordpiece=uses_captions(cfg))
     step, samples, t0, out = 0, 0, time.time(), {}
     for epoch in range(cfg.train.epochs):
         stream.epoch = epoch
