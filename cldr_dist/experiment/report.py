@@ -22,6 +22,8 @@ PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
 MIXED_GRAPHDRP_TARGET = 0.90       # GraphDRP's published mixed-split PCC is about 0.92-0.93
 MIN_SAMPLES_PER_DRUG = 10          # per-drug PCC of fewer pairs is noise
 FIGURE_DPI = 110
+BAR_WIDTH_IN = 0.12                # inches per bar of the per-drug chart
+MAX_FIGURE_WIDTH = 20              # inches
 
 
 class ReportError(Exception):
@@ -246,7 +248,7 @@ def fig_per_drug(run_dir: Path, dest: Path, rows: dict[str, list[dict]]) -> str 
     if not drugs:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(drugs) * max(1, len(deep)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_WIDTH, max(6, BAR_WIDTH_IN * len(drugs) * len(deep))), 4))
     width = 0.8 / len(deep)
     for k, lbl in enumerate(deep):
         ax.bar(np.arange(len(drugs)) + k * width, [per[lbl].get(d, np.nan) for d in drugs], width, label=lbl)
