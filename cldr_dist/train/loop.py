@@ -74,13 +74,18 @@ def build_objective(cfg: Config, shards: ShardSet, rank: int) -> torch.nn.Module
     return PretrainObjective(model, numbers, cfg.loss, seed=cfg.train.seed * 1000 + rank)
 
 
+def model_weights(objective_state: dict) -> dict:
+    """The CLDR model's part of an objective's state dict (its keys under `model.`); the
+    objective also holds the TransE relation, which the model does not have."""
+    return {k[len("model."):]: v for k, v in objective_state.items() if k.startswith("model.")}
+
+
 def load_model_weights(model: CLDRModel, checkpoint_url: str) -> None:
     """Model weights from a checkpoint directory (local or s3://) written by this loop."""
     url = storage.join(checkpoint_url.rstrip("/"), MODEL_FILE)
     import io
     state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-    model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    missing, unexpected = model.load_state_dict(model_weights(state), strict=False)
     if missing or unexpected:
         raise storage.StorageError(f"{url}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -265,7 +270,7 @@ def plain_copy(cfg: Config, shards: ShardSet, weights: dict) -> CLDRModel:
     """The model outside DeepSpeed, from full_state_dict weights: its forward runs no
     collectives, so ranks with uneven evaluation shares cannot hang (ZeRO-3 included)."""
     model = make_model(cfg, shards)
-    model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+    model.load_state_dict(model_weights(weights))
     return model.eval()
 
 
