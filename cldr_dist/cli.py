@@ -4,7 +4,7 @@
     cldr pretrain --config configs/demo.yaml    Ray Train + DeepSpeed contrastive pretraining
     cldr finetune --config ...                  MSE finetuning, optionally from a pretrain checkpoint
     cldr experiment --config configs/experiments/NAME.yaml   base vs CLDR per model, split, seed
-    cldr report RUN_DIR                         an experiment's tables and figures as report.md
+    cldr report RUN_DIR [RUN_DIR ...]           an experiment's tables and figures as report.md
 
 Every subcommand takes --config FILE and `section.key=value` overrides. A user's mistake
 (bad config, missing file, bad data) ends with one line on stderr and exit code 2.
@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="experiment file (configs/experiments/*.yaml)")
     q.add_argument("overrides", nargs="*", help="experiment.key=value, classical.key=value, "
                                                 "common|pretrain|finetune.section.key=value")
-    q = sub.add_parser("report", help="report.md and figures of an experiment run directory")
-    q.add_argument("run_dir", help="the experiment's run directory (experiment.out/experiment.name)")
+    q = sub.add_parser("report", help="report.md and figures of one or more experiment run directories")
+    q.add_argument("run_dir", nargs="+", help="the experiment's run directory (experiment.out/experiment.name); "
+                                               "more directories add their arms to the same tables, tagged")
     q.add_argument("--out", help="write report.md and figures/ here instead (e.g. docs/results/NAME)")
     return parser
 

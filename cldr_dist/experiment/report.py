@@ -1,8 +1,11 @@
-"""`cldr report RUN_DIR`: the experiment's tables, the paper's claims checked against them, and
-figures (PNG, matplotlib), as RUN_DIR/report.md with RUN_DIR/figures/.
+"""`cldr report RUN_DIR [RUN_DIR ...]`: the experiment's tables, the paper's claims checked against
+them, and figures (PNG, matplotlib), as RUN_DIR/report.md with RUN_DIR/figures/.
 
-Everything is computed from the run directory (results/*.json, predictions/*.npz,
+Everything is computed from the run directories (results/*.json, predictions/*.npz,
 curves/*.csv, number_texts/*.npy), so the report can be rebuilt at any time, also mid-run.
+Several run directories make one report: the first is the main experiment, and the rows of the
+others carry their experiment's name, e.g. "tcnn (cldr-gb1024) [gdsc_cpu_variants]", so a
+variant or a control run separately sits in the same tables as the arms it is compared with.
 """
 from __future__ import annotations
 
@@ -30,23 +33,38 @@ class ReportError(Exception):
     pass
 
 
-def load_results(run_dir: Path) -> list[dict]:
+def load_meta(run_dir: Path) -> dict:
+    if not (run_dir / "experiment.json").is_file():
+        raise ReportError(f"{run_dir}: not an experiment run directory (no experiment.json)")
+    return json.loads((run_dir / "experiment.json").read_text())
+
+
+def load_results(run_dir: Path, experiment: str = "") -> list[dict]:
+    """The finished arms of one run directory; `experiment` tags rows of a run directory that
+    is not the report's first."""
     files = sorted((run_dir / "results").glob("*.json"))
     if not files:
         raise ReportError(f"{run_dir}: no finished arms under results/ (run `cldr experiment` first)")
-    return [dict(json.loads(f.read_text()), key=f.stem) for f in files]
+    return [dict(json.loads(f.read_text()), key=f.stem, run_dir=str(run_dir), experiment=experiment)
+            for f in files]
 
 
 def row_label(r: dict) -> str:
+    tag = f" [{r['experiment']}]" if r.get("experiment") else ""
     if r["kind"] == "classical":
-        return f"classical: {r['arm']}"
-    return f"{r['model']} ({'MSE only' if r['arm'] == 'base' else r['arm']})"
+        return f"classical: {r['arm']}{tag}"
+    return f"{r['model']} ({'MSE only' if r['arm'] == 'base' else r['arm']}){tag}"
 
 
 def row_order(r: dict) -> tuple:
     if r["kind"] == "classical":
-        return (0, "", BASELINES.index(r["arm"]) if r["arm"] in BASELINES else 99, r["arm"])
-    return (1, r["model"], 0 if r["arm"] == "base" else 1, r["arm"])
+        return (0, "", BASELINES.index(r["arm"]) if r["arm"] in BASELINES else 99, r["arm"], r.get("experiment", ""))
+    return (1, r["model"], 0 if r["arm"] == "base" else 1, r["arm"], r.get("experiment", ""))
+
+
+def file_of(r: dict, folder: str, suffix: str) -> Path:
+    """One arm's file in its own run directory, e.g. predictions/{key}.npz."""
+    return Path(r["run_dir"]) / folder / f"{r['key']}{suffix}"
 
 
 def grouped(results: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -117,7 +135,7 @@ def claims(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
             out.append(f"- {split}, {label}: RMSE {rmse:.4f} vs {floor.split(': ')[1]} {floor_rmse:.4f}: "
                        f"{'beats it' if rmse < floor_rmse else 'does NOT beat it'}.")
     for split, rows in groups.items():
-        learned = [lbl for lbl in rows if lbl in ("classical: ridge", "classical: gbm")]
+        learned = [lbl for lbl in rows if lbl.startswith(("classical: ridge", "classical: gbm"))]
         if not learned:
             continue
         best = max(learned, key=lambda lbl: mean_metric(rows, lbl, "pcc"))
@@ -165,7 +183,7 @@ def _plt():
     return plt
 
 
-def fig_pred_vs_true(run_dir: Path, dest: Path, rows: dict[str, list[dict]], split: str) -> str:
+def fig_pred_vs_true(dest: Path, rows: dict[str, list[dict]], split: str) -> str:
     plt = _plt()
     labels = [lbl for lbl in rows if lbl not in ("classical: train_mean",)]
     cols = min(4, len(labels))
@@ -173,7 +191,7 @@ def fig_pred_vs_true(run_dir: Path, dest: Path, rows: dict[str, list[dict]], spl
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, label in zip(axes.flat, labels):
         r = rows[label][0]
-        pred = load_predictions(str(run_dir / "predictions" / f"{r['key']}.npz"))
+        pred = load_predictions(str(file_of(r, "predictions", ".npz")))
         ax.hexbin(pred["y"], pred["p"], gridsize=40, bins="log", cmap="viridis", extent=(0, 1, 0, 1))
         ax.plot([0, 1], [0, 1], "w--", lw=0.8)
         ax.set_title(f"{label}\nPCC {r['metrics']['pcc']:.3f}", fontsize=8)
@@ -195,15 +213,16 @@ def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def fig_curves(run_dir: Path, dest: Path) -> str | None:
-    curves = sorted((run_dir / "curves").glob("*.csv"))
+def fig_curves(run_dirs: dict[Path, str], dest: Path) -> str | None:
+    """run_dirs: run directory -> the tag its curves carry in the legend ("" for the first)."""
+    curves = [(path, tag) for run_dir, tag in run_dirs.items() for path in sorted((run_dir / "curves").glob("*.csv"))]
     if not curves:
         return None
     plt = _plt()
     fig, (ax_pre, ax_fine, ax_val) = plt.subplots(1, 3, figsize=(15, 4))
-    for path in curves:
+    for path, tag in curves:
         series = read_curve(path)
-        name = path.stem.replace("-pretrain", "").replace("-finetune", "")
+        name = path.stem.replace("-pretrain", "").replace("-finetune", "") + (f" [{tag}]" if tag else "")
         if path.stem.endswith("-pretrain") and "loss" in series:
             ax_pre.plot(*series["loss"], lw=0.8, label=name)
         elif "mse" in series:
@@ -219,11 +238,11 @@ def fig_curves(run_dir: Path, dest: Path) -> str | None:
     return _save(fig, dest, "training_curves.png")
 
 
-def fig_number_similarity(run_dir: Path, dest: Path, results: list[dict]) -> tuple[str | None, list[str]]:
-    pretrained = [r for r in sorted(results, key=row_order) if (run_dir / "number_texts" / f"{r['key']}.npy").is_file()]
+def fig_number_similarity(dest: Path, results: list[dict]) -> tuple[str | None, list[str]]:
+    pretrained = [r for r in sorted(results, key=row_order) if file_of(r, "number_texts", ".npy").is_file()]
     firsts = {}
     for r in pretrained:
-        firsts.setdefault((r["model"], r["arm"], r["split"]), r)
+        firsts.setdefault((r["model"], r["arm"], r["split"], r["experiment"]), r)
     if not firsts:
         return None, []
     plt = _plt()
@@ -231,19 +250,18 @@ def fig_number_similarity(run_dir: Path, dest: Path, results: list[dict]) -> tup
     fig, axes = plt.subplots(1, len(items), figsize=(3.8 * len(items), 3.4), squeeze=False, layout="constrained")
     lines = []
     for ax, r in zip(axes.flat, items):
-        sim, score = number_order_score(np.load(run_dir / "number_texts" / f"{r['key']}.npy", allow_pickle=False))
+        sim, score = number_order_score(np.load(file_of(r, "number_texts", ".npy"), allow_pickle=False))
         im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_title(f"{r['model']} {r['arm']} ({r['split']})\norder score {score:.3f}", fontsize=8)
         ax.set_xlabel("number text index (y x 1000)", fontsize=7)
-        lines.append(f"- {r['model']} {r['arm']} ({r['split']}, seed {r['seed']}): order score {score:.3f}")
+        lines.append(f"- {row_label(r)} ({r['split']}, seed {r['seed']}): order score {score:.3f}")
     fig.colorbar(im, ax=list(axes.flat), shrink=0.8)
     return _save(fig, dest, "number_text_similarity.png"), lines
 
 
-def fig_per_drug(run_dir: Path, dest: Path, rows: dict[str, list[dict]]) -> str | None:
-    deep = [lbl for lbl in rows if not lbl.startswith("classical") or lbl.endswith(("ridge", "gbm"))]
-    per = {lbl: per_drug_pcc(load_predictions(str(run_dir / "predictions" / f"{rows[lbl][0]['key']}.npz")))
-           for lbl in deep}
+def fig_per_drug(dest: Path, rows: dict[str, list[dict]]) -> str | None:
+    deep = [lbl for lbl in rows if not lbl.startswith("classical") or rows[lbl][0]["arm"] in ("ridge", "gbm")]
+    per = {lbl: per_drug_pcc(load_predictions(str(file_of(rows[lbl][0], "predictions", ".npz")))) for lbl in deep}
     drugs = sorted({d for v in per.values() for d in v})
     if not drugs:
         return None
@@ -274,27 +292,27 @@ def _save(fig, dest: Path, name: str) -> str:
 
 # ----------------------------------------------------------------------------- the report
 
-def budget_lines(run_dir: Path) -> list[str]:
+def budget_lines(run_dirs: list[Path]) -> list[str]:
     lines = ["| training run | mode | optimizer steps | global batch | samples seen | wall (min) |",
              "|---|---|---|---|---|---|"]
-    for path in sorted((run_dir / "stages").glob("*.json")):
+    for path in (p for run_dir in run_dirs for p in sorted((run_dir / "stages").glob("*.json"))):
         s = json.loads(path.read_text())
         cfg = s["config"]
         gb = cfg["train"]["batch_size"] * cfg["ray"]["num_workers"] * cfg["train"]["grad_accum"]
         steps = s["metrics"].get("step")
         seen = f"{steps * gb:,}" if steps else "-"
-        lines.append(f"| {path.stem} | {s['mode']} | {steps or '-'} | {gb} | {seen} | {s['wall_s'] / 60:.1f} |")
+        lines.append(f"| {s['run']} | {s['mode']} | {steps or '-'} | {gb} | {seen} | {s['wall_s'] / 60:.1f} |")
     return lines
 
 
-def per_drug_lines(run_dir: Path, rows: dict[str, list[dict]]) -> list[str]:
+def per_drug_lines(rows: dict[str, list[dict]]) -> list[str]:
     """For each base model with both arms: on how many held-out drugs CLDR's PCC is higher."""
     lines = []
     for label in rows:
         if not label.endswith("(MSE only)") or f"{label.split(' (')[0]} (cldr)" not in rows:
             continue
         model = label.split(" (")[0]
-        base, cldr = (per_drug_pcc(load_predictions(str(run_dir / "predictions" / f"{rows[lbl][0]['key']}.npz")))
+        base, cldr = (per_drug_pcc(load_predictions(str(file_of(rows[lbl][0], "predictions", ".npz"))))
                       for lbl in (label, f"{model} (cldr)"))
         drugs = sorted(set(base) & set(cldr))
         if drugs:
@@ -304,39 +322,74 @@ def per_drug_lines(run_dir: Path, rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """RUN_DIR/report.md (or OUT/report.md, e.g. under docs/results/) with its figures beside it."""
-    run_dir = Path(run_dir)
-    dest = Path(out) if out else run_dir
-    if not (run_dir / "experiment.json").is_file():
-        raise ReportError(f"{run_dir}: not an experiment run directory (no experiment.json)")
-    meta = json.loads((run_dir / "experiment.json").read_text())
-    results = load_results(run_dir)
-    groups = grouped(results)
-    m = meta["machine"]
-    lines = [f"# Experiment {meta['spec']['name']}", "",
-             f"Machine: {m['host']}, {m['cpus']} CPUs, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}, "
-             f"torch {m['torch']}.", "",
-             f"Produced by `{meta['spec'].get('command') or 'cldr experiment'}`, then `cldr report {run_dir}`.", "",
-             "Test-set metrics on y = 1/(1+exp(-0.1 ln IC50)) (RMSE LN IC50 on the ln IC50 scale); "
-             "mean ± std over seeds where there are several. Zero-shot PCC: the pretrained model with "
-             "no regression head, predicting the number text nearest to the sample.", ""]
+def variant_lines(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """Each CLDR variant (e.g. a larger negative set, a pretrained text tower) against the plain
+    CLDR arm of the same model and split: test PCC, zero-shot PCC and the number-text order score."""
+    lines = []
     for split, rows in groups.items():
-        lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(run_dir, dest, rows, split)})", ""]
+        for label, rs in rows.items():
+            r = rs[0]
+            if r["kind"] != "deep" or not r["arm"].startswith("cldr-"):
+                continue
+            tag = f" [{r['experiment']}]" if r["experiment"] else ""
+            ref = next((lbl for lbl in (f"{r['model']} (cldr){tag}", f"{r['model']} (cldr)") if lbl in rows), None)
+            if ref is None:
+                continue
+            pcc, ref_pcc = mean_metric(rows, label, "pcc"), mean_metric(rows, ref, "pcc")
+            zs = [mean_std([x.get("zeroshot_pcc") for x in rows[lbl]])[0] for lbl in (label, ref)]
+            order = [order_score_of(rows[lbl][0]) for lbl in (label, ref)]
+            lines.append(f"- {split}, {label} vs {ref}: test PCC {pcc:.4f} vs {ref_pcc:.4f} "
+                         f"({(pcc - ref_pcc) / abs(ref_pcc) * 100:+.1f}%), zero-shot PCC {zs[0]:.4f} vs {zs[1]:.4f}, "
+                         f"number-text order score {order[0]:.3f} vs {order[1]:.3f}")
+    return lines
+
+
+def order_score_of(r: dict) -> float:
+    path = file_of(r, "number_texts", ".npy")
+    return number_order_score(np.load(path, allow_pickle=False))[1] if path.is_file() else float("nan")
+
+
+def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> Path:
+    """One report of one or more run directories: RUN_DIR/report.md of the first (or OUT/report.md,
+    e.g. under docs/results/) with its figures beside it."""
+    run_dirs = [Path(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    dest = Path(out) if out else run_dirs[0]
+    metas = [load_meta(d) for d in run_dirs]
+    names = [m["spec"]["name"] for m in metas]
+    if len(set(names)) < len(names):
+        raise ReportError(f"two run directories hold the same experiment name ({', '.join(names)})")
+    tags = {d: (name if i else "") for i, (d, name) in enumerate(zip(run_dirs, names))}
+    results = [r for d in run_dirs for r in load_results(d, tags[d])]
+    groups = grouped(results)
+    lines = [f"# Experiment {' + '.join(names)}", ""]
+    for meta, run_dir in zip(metas, run_dirs):
+        m = meta["machine"]
+        lines += [f"- `{meta['spec']['name']}`{' (rows tagged [' + tags[run_dir] + '])' if tags[run_dir] else ''}: "
+                  f"`{meta['spec'].get('command') or 'cldr experiment'}` on {m['host']}, {m['cpus']} CPUs, "
+                  f"{'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}, torch {m['torch']}."]
+    lines += ["", f"Report: `cldr report {' '.join(str(d) for d in run_dirs)}`.", "",
+              "Test-set metrics on y = 1/(1+exp(-0.1 ln IC50)) (RMSE LN IC50 on the ln IC50 scale); "
+              "mean ± std over seeds where there are several. Zero-shot PCC: the pretrained model with "
+              "no regression head, predicting the number text nearest to the sample.", ""]
+    for split, rows in groups.items():
+        lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(dest, rows, split)})", ""]
     lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]), ""]
-    if "drug_blind" in groups and (fig := fig_per_drug(run_dir, dest, groups["drug_blind"])):
-        lines += ["## Per-drug PCC, drug-blind", "", *per_drug_lines(run_dir, groups["drug_blind"]), "",
+    if variants := variant_lines(groups):
+        lines += ["## CLDR variants against plain CLDR", "", *variants, ""]
+    if "drug_blind" in groups and (fig := fig_per_drug(dest, groups["drug_blind"])):
+        lines += ["## Per-drug PCC, drug-blind", "", *per_drug_lines(groups["drug_blind"]), "",
                   f"![per-drug PCC]({fig})", ""]
-    fig, order_lines = fig_number_similarity(run_dir, dest, results)
+    fig, order_lines = fig_number_similarity(dest, results)
     if fig:
         lines += ["## Do the number texts learn that numbers are ordered?", "",
                   "Cosine similarity of the pretrained number-tower features of the 1000 number texts "
                   "(\"zero point zero zero zero\" ... \"zero point nine nine nine\"). Order score: Spearman "
                   "correlation of pair similarity with minus the pair's distance |i - j|.", "",
                   *order_lines, "", f"![number-text similarity]({fig})", ""]
-    if fig := fig_curves(run_dir, dest):
+    if fig := fig_curves(tags, dest):
         lines += ["## Training curves", "", f"![training curves]({fig})", ""]
-    lines += ["## Budget", "", *budget_lines(run_dir), ""]
+    lines += ["## Budget", "", *budget_lines(run_dirs), ""]
+    dest.mkdir(parents=True, exist_ok=True)
     report = dest / "report.md"
     tmp = dest / ".report.md.tmp"
     tmp.write_text("\n".join(lines))

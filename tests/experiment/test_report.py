@@ -1,0 +1,86 @@
+"""`cldr report` over hand-built run directories (no training): several run directories make
+one report, the rows of the later ones tagged with their experiment, and a CLDR variant is
+compared with the plain CLDR arm it extends."""
+import json
+
+import numpy as np
+import pytest
+
+from cldr_dist import cli
+from cldr_dist.eval.metrics import all_metrics
+from cldr_dist.eval.predict import save_predictions
+from cldr_dist.experiment.report import ReportError, number_order_score, write_report
+from cldr_dist.experiment.runner import write_json
+
+N_TEST = 240
+DRUGS = np.array([f"drug{i % 4}" for i in range(N_TEST)])
+
+
+def add_arm(run_dir, key, *, arm, model="tcnn", variant="", noise=0.1, zeroshot=None, number_texts=None, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0.2, 0.9, N_TEST)
+    p = y + noise * rng.standard_normal(N_TEST)
+    save_predictions(str(run_dir / "predictions" / f"{key}.npz"),
+                     {"y": y, "p": p, "drug_ids": DRUGS, "cell_ids": np.array([f"c{i}" for i in range(N_TEST)])})
+    result = {"metrics": all_metrics(y, p), "kind": "deep", "arm": arm, "model": model, "split": "drug_blind",
+              "seed": 171, "variant": variant, "wall_s": 60.0}
+    if zeroshot is not None:
+        result["zeroshot_pcc"] = zeroshot
+    write_json(run_dir / "results" / f"{key}.json", result)
+    if number_texts is not None:
+        (run_dir / "number_texts").mkdir(parents=True, exist_ok=True)
+        np.save(run_dir / "number_texts" / f"{key}.npy", number_texts, allow_pickle=False)
+    return result["metrics"]["pcc"]
+
+
+def new_run_dir(root, name):
+    run_dir = root / name
+    (run_dir / "results").mkdir(parents=True)
+    write_json(run_dir / "experiment.json", {"spec": {"name": name, "command": f"cldr experiment --config {name}.yaml"},
+                                             "machine": {"host": "h", "cpus": 2, "gpu": "", "torch": "t"}})
+    return run_dir
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    ordered = np.cumsum(rng.standard_normal((1000, 8)) * 0.1, axis=0).astype(np.float32)  # neighbours alike
+    shuffled = rng.standard_normal((1000, 8)).astype(np.float32)
+    main = new_run_dir(tmp_path, "main")
+    pccs = {"base": add_arm(main, "drug_blind-tcnn-base-s171", arm="base", noise=0.3, seed=1),
+            "cldr": add_arm(main, "drug_blind-tcnn-cldr-s171", arm="cldr", noise=0.2, zeroshot=0.25,
+                            number_texts=shuffled, seed=2)}
+    extra = new_run_dir(tmp_path, "extra")
+    pccs["gb1024"] = add_arm(extra, "drug_blind-tcnn-cldr-gb1024-s171", arm="cldr-gb1024", variant="gb1024",
+                             noise=0.1, zeroshot=0.5, number_texts=ordered, seed=3)
+    pccs["base_extra"] = add_arm(extra, "drug_blind-tcnn-base-s171", arm="base", noise=0.5, seed=4)  # same key as main's
+    return main, extra, pccs, (number_order_score(ordered)[1], number_order_score(shuffled)[1])
+
+
+def test_several_run_directories_make_one_report_with_tagged_rows(tmp_path, two_runs):
+    main, extra, pccs, (ordered_score, shuffled_score) = two_runs
+    report = write_report([main, extra], tmp_path / "out").read_text()
+    # the same arm key in two experiments stays two rows, never two seeds of one row
+    assert f"| tcnn (MSE only) | 1 | {pccs['base']:.4f}" in report
+    assert f"| tcnn (MSE only) [extra] | 1 | {pccs['base_extra']:.4f}" in report
+    assert f"| tcnn (cldr-gb1024) [extra] | 1 | {pccs['gb1024']:.4f}" in report
+    gain = (pccs["gb1024"] - pccs["cldr"]) / pccs["cldr"] * 100
+    assert (f"- drug_blind, tcnn (cldr-gb1024) [extra] vs tcnn (cldr): test PCC {pccs['gb1024']:.4f} vs "
+            f"{pccs['cldr']:.4f} ({gain:+.1f}%), zero-shot PCC 0.5000 vs 0.2500, "
+            f"number-text order score {ordered_score:.3f} vs {shuffled_score:.3f}") in report
+    assert ordered_score > 0.5 > abs(shuffled_score)
+    # the claim compares the main experiment's own arms only
+    assert f"Drug-blind, tcnn: CLDR PCC {pccs['cldr']:.4f} vs MSE-only {pccs['base']:.4f}" in report
+    assert (tmp_path / "out" / "figures" / "per_drug_pcc_drug_blind.png").stat().st_size > 10_000
+
+
+def test_report_refuses_two_run_directories_of_one_name(tmp_path, two_runs):
+    main = two_runs[0]
+    with pytest.raises(ReportError, match="same experiment name"):
+        write_report([main, main], tmp_path / "out")
+
+
+def test_report_of_a_folder_that_is_no_run_directory_is_one_line(tmp_path, two_runs, capsys):
+    assert cli.main(["report", str(two_runs[0]), str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing: not an experiment run directory" in err
