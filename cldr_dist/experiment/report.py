@@ -39,6 +39,12 @@ def load_meta(run_dir: Path) -> dict:
     return json.loads((run_dir / "experiment.json").read_text())
 
 
+def shards_of(meta: dict) -> str:
+    layers = meta["spec"].get("layers", {})
+    data = {**layers.get("common", {}).get("data", {}), **layers.get("finetune", {}).get("data", {})}
+    return str(data.get("shards", ""))
+
+
 def load_results(run_dir: Path, experiment: str = "") -> list[dict]:
     """The finished arms of one run directory; `experiment` tags rows of a run directory that
     is not the report's first."""
@@ -358,6 +364,10 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
     names = [m["spec"]["name"] for m in metas]
     if len(set(names)) < len(names):
         raise ReportError(f"two run directories hold the same experiment name ({', '.join(names)})")
+    shards = {shards_of(m) for m in metas}
+    if len(shards) > 1:
+        raise ReportError(f"the run directories read different shards ({', '.join(sorted(shards))}); "
+                          f"one report compares arms on the same data")
     tags = {d: (name if i else "") for i, (d, name) in enumerate(zip(run_dirs, names))}
     results = [r for d in run_dirs for r in load_results(d, tags[d])]
     groups = grouped(results)

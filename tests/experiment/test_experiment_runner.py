@@ -74,3 +74,16 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, spec):
     spec.layers["pretrain"]["train"]["lr"] = 0.0005
     spec.seeds = [171, 172]   # more seeds: the same experiment, extended
     pin_spec(spec)
+
+
+def test_a_failed_run_is_named_by_the_workers_own_error():
+    from cldr_dist.experiment.runner import root_cause
+
+    class WorkerGroupError(Exception):
+        pass
+    snippet = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n"
+               '  File "loop.py", line 3, in train\n    raise ValueError(f"{split}/train has {n} samples")\n'
+               "ValueError: drug_blind/train has 900 samples: too few for 2 workers x batch 512 x grad_accum 1\n")
+    assert root_cause(WorkerGroupError(snippet)) == ("ValueError: drug_blind/train has 900 samples: "
+                                                     "too few for 2 workers x batch 512 x grad_accum 1")
+    assert root_cause(RuntimeError("disk full\nmore")) == "RuntimeError: disk full"

@@ -33,10 +33,11 @@ def add_arm(run_dir, key, *, arm, model="tcnn", variant="", noise=0.1, zeroshot=
     return result["metrics"]["pcc"]
 
 
-def new_run_dir(root, name):
+def new_run_dir(root, name, shards="shards/gdsc_v17"):
     run_dir = root / name
     (run_dir / "results").mkdir(parents=True)
-    write_json(run_dir / "experiment.json", {"spec": {"name": name, "command": f"cldr experiment --config {name}.yaml"},
+    write_json(run_dir / "experiment.json", {"spec": {"name": name, "command": f"cldr experiment --config {name}.yaml",
+                                                      "layers": {"common": {"data": {"shards": shards}}}},
                                              "machine": {"host": "h", "cpus": 2, "gpu": "", "torch": "t"}})
     return run_dir
 
@@ -78,6 +79,13 @@ def test_report_refuses_two_run_directories_of_one_name(tmp_path, two_runs):
     main = two_runs[0]
     with pytest.raises(ReportError, match="same experiment name"):
         write_report([main, main], tmp_path / "out")
+
+
+def test_report_refuses_run_directories_on_other_shards(tmp_path, two_runs):
+    other = new_run_dir(tmp_path, "tiny", shards="shards/tiny")
+    add_arm(other, "drug_blind-tcnn-cldr-minilm-s171", arm="cldr-minilm", variant="minilm")
+    with pytest.raises(ReportError, match=r"different shards \(shards/gdsc_v17, shards/tiny\)"):
+        write_report([two_runs[0], other], tmp_path / "out")
 
 
 def test_report_of_a_folder_that_is_no_run_directory_is_one_line(tmp_path, two_runs, capsys):
