@@ -374,8 +374,9 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
     lines = [f"# Experiment {' + '.join(names)}", ""]
     for meta, run_dir in zip(metas, run_dirs):
         m = meta["machine"]
+        commands = meta.get("commands") or [meta["spec"].get("command") or "cldr experiment"]
         lines += [f"- `{meta['spec']['name']}`{' (rows tagged [' + tags[run_dir] + '])' if tags[run_dir] else ''}: "
-                  f"`{meta['spec'].get('command') or 'cldr experiment'}` on {m['host']}, {m['cpus']} CPUs, "
+                  + " then ".join(f"`{c}`" for c in commands) + f" on {m['host']}, {m['cpus']} CPUs, "
                   f"{'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}, torch {m['torch']}."]
     lines += ["", f"Report: `cldr report {' '.join(str(d) for d in run_dirs)}`.", "",
               "Test-set metrics on y = 1/(1+exp(-0.1 ln IC50)) (RMSE LN IC50 on the ln IC50 scale); "

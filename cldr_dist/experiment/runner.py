@@ -84,14 +84,18 @@ def pin_spec(spec: ExperimentSpec) -> None:
     """The first run records the spec; a rerun may add models, splits or seeds, but not change
     how arms are trained, which would mix two experiments in one table."""
     path = spec.run_dir / "experiment.json"
-    current = spec.to_dict()
+    current, commands = spec.to_dict(), []
     if path.is_file():
-        before = json.loads(path.read_text())["spec"]
+        recorded = json.loads(path.read_text())
+        before = recorded["spec"]
         changed = [k for k in PINNED_KEYS if before.get(k) != current.get(k)]
         if changed:
             raise ConfigError(f"{spec.run_dir} was started with other {', '.join(changed)} settings; "
                               f"use another experiment.name or remove the directory")
-    write_json(path, {"spec": current, "machine": machine()})
+        commands = recorded.get("commands") or [before.get("command", "")]
+    if spec.command not in commands:  # every distinct command that added arms, for the report
+        commands.append(spec.command)
+    write_json(path, {"spec": current, "machine": machine(), "commands": commands})
 
 
 def storage_path(spec: ExperimentSpec) -> str:

@@ -72,8 +72,12 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, spec):
     with pytest.raises(ConfigError, match="was started with other layers settings"):
         pin_spec(spec)
     spec.layers["pretrain"]["train"]["lr"] = 0.0005
-    spec.seeds = [171, 172]   # more seeds: the same experiment, extended
+    first = spec.command
+    spec.seeds, spec.command = [171, 172], first + " experiment.seeds=[171,172]"  # the same experiment, extended
     pin_spec(spec)
+    pin_spec(spec)  # a resume with the same command is not a new command
+    recorded = json.loads((spec.run_dir / "experiment.json").read_text())
+    assert recorded["commands"] == [first, spec.command] and recorded["spec"]["seeds"] == [171, 172]
 
 
 def test_a_failed_run_is_named_by_the_workers_own_error():
