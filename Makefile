@@ -14,7 +14,7 @@ TINY_SHARDS := shards/tiny
 
 EXPERIMENT ?= gdsc_cpu
 
-.PHONY: setup shards shards-tiny demo experiment report test test-all bench clean
+.PHONY: setup shards shards-tiny demo experiment report results test test-all bench clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ experiment: setup $(SHARDS)/manifest.json
 
 report: setup
 	$(CLDR) report runs/experiments/$(EXPERIMENT)
+
+# docs/results/gdsc_cpu/report.md: the CPU experiment with its control and variants in one report
+RESULT_RUNS := gdsc_cpu gdsc_cpu_control gdsc_cpu_variants
+results: setup
+	$(CLDR) report $(addprefix runs/experiments/,$(RESULT_RUNS)) --out docs/results/gdsc_cpu
 
 # One BLAS thread per process: with 2 cores shared by Ray workers, two threads each mostly wait.
 # pytest exits 5 when it collects nothing; that is a failure here too, never a silent pass.
