@@ -27,6 +27,7 @@ MIN_SAMPLES_PER_DRUG = 10          # per-drug PCC of fewer pairs is noise
 FIGURE_DPI = 110
 BAR_WIDTH_IN = 0.12                # inches per bar of the per-drug chart
 MAX_FIGURE_WIDTH = 20              # inches
+MAX_PANELS_PER_ROW = 4
 
 
 class ReportError(Exception):
@@ -250,6 +251,8 @@ def fig_curves(run_dirs: dict[Path, str], dest: Path) -> str | None:
         ax.set_xlabel("optimizer step", fontsize=8)
         if ax.lines:
             ax.legend(fontsize=5)
+        else:  # e.g. runs capped by train.max_steps before an epoch ended
+            ax.text(0.5, 0.5, "no epoch ended", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, dest, "training_curves.png")
 
 
@@ -262,7 +265,11 @@ def fig_number_similarity(dest: Path, results: list[dict]) -> tuple[str | None, 
         return None, []
     plt = _plt()
     items = list(firsts.values())
-    fig, axes = plt.subplots(1, len(items), figsize=(3.8 * len(items), 3.4), squeeze=False, layout="constrained")
+    cols = min(MAX_PANELS_PER_ROW, len(items))
+    nrows = (len(items) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.4 * nrows), squeeze=False, layout="constrained")
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
     lines = []
     for ax, r in zip(axes.flat, items):
         sim, score = number_order_score(np.load(file_of(r, "number_texts", ".npy"), allow_pickle=False))
@@ -350,10 +357,15 @@ def variant_lines(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
             ref = next((lbl for lbl in (f"{r['model']} (cldr){tag}", f"{r['model']} (cldr)") if lbl in rows), None)
             if ref is None:
                 continue
-            pcc, ref_pcc = mean_metric(rows, label, "pcc"), mean_metric(rows, ref, "pcc")
-            zs = [mean_std([x.get("zeroshot_pcc") for x in rows[lbl]])[0] for lbl in (label, ref)]
-            order = [order_score_of(rows[lbl][0]) for lbl in (label, ref)]
-            lines.append(f"- {split}, {label} vs {ref}: test PCC {pcc:.4f} vs {ref_pcc:.4f} "
+            seeds = {x["seed"] for x in rs}
+            pair = {label: rs, ref: [x for x in rows[ref] if x["seed"] in seeds]}  # the same seeds on both sides
+            if not pair[ref]:
+                continue
+            pcc, ref_pcc = mean_metric(pair, label, "pcc"), mean_metric(pair, ref, "pcc")
+            zs = [mean_std([x.get("zeroshot_pcc") for x in pair[lbl]])[0] for lbl in (label, ref)]
+            order = [order_score_of(pair[lbl][0]) for lbl in (label, ref)]
+            lines.append(f"- {split}, {label} vs {ref}, seed{'s' if len(seeds) > 1 else ''} "
+                         f"{', '.join(map(str, sorted(seeds)))}: test PCC {pcc:.4f} vs {ref_pcc:.4f} "
                          f"({(pcc - ref_pcc) / abs(ref_pcc) * 100:+.1f}%), zero-shot PCC {zs[0]:.4f} vs {zs[1]:.4f}, "
                          f"number-text order score {order[0]:.3f} vs {order[1]:.3f}")
     return lines

@@ -66,7 +66,7 @@ def test_several_run_directories_make_one_report_with_tagged_rows(tmp_path, two_
     assert f"| tcnn (MSE only) [extra] | 1 | {pccs['base_extra']:.4f}" in report
     assert f"| tcnn (cldr-gb1024) [extra] | 1 | {pccs['gb1024']:.4f}" in report
     gain = (pccs["gb1024"] - pccs["cldr"]) / pccs["cldr"] * 100
-    assert (f"- drug_blind, tcnn (cldr-gb1024) [extra] vs tcnn (cldr): test PCC {pccs['gb1024']:.4f} vs "
+    assert (f"- drug_blind, tcnn (cldr-gb1024) [extra] vs tcnn (cldr), seed 171: test PCC {pccs['gb1024']:.4f} vs "
             f"{pccs['cldr']:.4f} ({gain:+.1f}%), zero-shot PCC 0.5000 vs 0.2500, "
             f"number-text order score {ordered_score:.3f} vs {shuffled_score:.3f}") in report
     assert ordered_score > 0.5 > abs(shuffled_score)
