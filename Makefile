@@ -3,7 +3,6 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 CLDR    := .venv/bin/cldr
 STAMP   := .venv/.installed
-export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1

@@ -12,7 +12,6 @@ Every subcommand takes --config FILE and `section.key=value` overrides. A user's
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from cldr_dist.config import ConfigError, load_config
@@ -23,7 +22,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from cldr_dist.data.reader import ShardError
     from cldr_dist.data.tables import DataError
     from cldr_dist.experiment.report import ReportError
-    return ConfigError, DataError, ShardError, storage.StorageError, ReportError
+    from cldr_dist.train.commands import TrainingFailed
+    return ConfigError, DataError, ShardError, storage.StorageError, ReportError, TrainingFailed
 
 
 def cmd_experiment(args) -> None:
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in OWN_CONFIG_COMMANDS:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             OWN_CONFIG_COMMANDS[args.command](args)
             return 0
         cfg = load_config(args.config, args.overrides)

@@ -84,6 +84,7 @@ class TrainConfig:
     init_from: str = ""             # finetune: a pretrain checkpoint URL (directory)
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     zeroshot_samples: int = 2000    # zero-shot PCC on this many val/test samples (1000 texts each)
+    precision: str = "auto"         # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
 
 
 @dataclass
@@ -203,6 +204,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
     need(cfg.train.lr > 0, "train.lr must be positive")
+    need(cfg.train.precision in ("auto", "bf16", "fp32"), f"train.precision: {cfg.train.precision!r} is not auto, bf16 or fp32")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")
     need(cfg.model.text_tower in ("scratch", "minilm"), f"model.text_tower: {cfg.model.text_tower!r} is not scratch or minilm")

@@ -33,7 +33,6 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-config", default="configs/demo_finetune.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied to both stages")
     args = p.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from cldr_dist.data.reader import ShardError
     from cldr_dist.train import trainer
     try:

@@ -54,8 +54,6 @@ def runtime_env(gpu: bool = False, forward_aws: bool = False, env: list[str] = (
     """launch/runtime_env.yaml with the command line's additions."""
     renv = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
     env_vars = {k: str(v) for k, v in (renv.get("env_vars") or {}).items()}
-    if gpu:
-        env_vars["DS_ACCELERATOR"] = "cuda"
     if forward_aws:
         env_vars.update({k: os.environ[k] for k in AWS_VARS if os.environ.get(k)})
     for item in env:
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                 usage="%(prog)s [options] -- {pretrain,finetune,evaluate} [cldr args]")
     p.add_argument("--address", default=default_address(),
                    help="dashboard URL of the head (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
-    p.add_argument("--gpu", action="store_true", help="ray.use_gpu=true and DS_ACCELERATOR=cuda")
+    p.add_argument("--gpu", action="store_true", help="ray.use_gpu=true (workers then run DeepSpeed on cuda)")
     p.add_argument("--forward-aws", action="store_true",
                    help="send this shell's AWS_* variables in the runtime_env (they are stored in the "
                         "job's info on the head; prefer the nodes' environment or an IAM role)")

@@ -39,11 +39,17 @@ class DRPBatch:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def to(self, device) -> "DRPBatch":
+    def to(self, device, feature_dtype: torch.dtype | None = None) -> "DRPBatch":
+        """Moved to `device`; feature_dtype casts the model's float inputs (atom and cell
+        features) to the parameters' dtype (bf16 under DeepSpeed's bf16), never the labels."""
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
             moved[f.name] = v.to(device) if hasattr(v, "to") else v
+        if feature_dtype is not None:
+            drug = moved["drug"]
+            drug.x = drug.x.to(feature_dtype)
+            moved["cell"] = moved["cell"].to(feature_dtype)
         return DRPBatch(**moved)
 
 

@@ -287,10 +287,17 @@ class ShardStream(IterableDataset):
     def _shard_samples(self, shard: int, data: bytes, first: int, end: int):
         if self.verify:
             _checked(self.urls[shard], data, self.sha256[shard])
+        read = 0
         try:
-            yield from iter_shard_samples(data, first, end)
+            for sample in iter_shard_samples(data, first, end):
+                read += 1
+                yield sample
         except (ShardError, EOFError, OSError, KeyError, ValueError, UnicodeDecodeError) as e:
             raise ShardError(f"{self.urls[shard]}: unreadable sample ({type(e).__name__}: {e})") from None
+        if read < end - first:
+            # a rank that ran short would replay its epoch while the others wait in a collective
+            raise ShardError(f"{self.urls[shard]}: holds {first + read} samples, the manifest says "
+                             f"{self.sizes[shard]}; rebuild with `cldr shards`")
 
     def __iter__(self):
         info = get_worker_info()

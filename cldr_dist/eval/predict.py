@@ -12,29 +12,44 @@ from cldr_dist.data import storage
 from cldr_dist.data.reader import ShardSet, ShardStream, make_loader
 
 
+def eval_stream(cfg: Config, shards: ShardSet, part: str, rank: int = 0, world: int = 1,
+                wordpiece: bool = False) -> ShardStream:
+    """Every sample of `part` exactly once across ranks, in shard order, short last batch kept."""
+    return ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.batch_size, rank=rank,
+                       world_size=world, seed=cfg.data.seed, shuffle=False, drop_last=False,
+                       caption_pad_to=cfg.model.caption_pad_to or None,
+                       number_pad_to=cfg.model.number_pad_to or None, wordpiece=wordpiece)
+
+
+PREDICTION_KEYS = ("y", "p", "drug_ids", "cell_ids")
+
+
 @torch.no_grad()
-def predict_part(cfg: Config, shards: ShardSet, model, part: str, rank: int = 0, world: int = 1) -> dict:
-    """This rank's share of `part`, in shard order: {"y", "p", "drug_ids", "cell_ids"}."""
+def predict_part(cfg: Config, shards: ShardSet, model, part: str, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu", keep_samples: int = 0,
+                 wordpiece: bool = False) -> dict:
+    """This rank's share of `part`, in shard order: {"y", "p", "drug_ids", "cell_ids"} as numpy,
+    plus "batches": the first batches (at least keep_samples samples, on the CPU) for zero-shot.
+    The model runs on `device` (the worker's GPU, or the CPU); it must run no collectives."""
     model.eval()
-    stream = ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.batch_size, rank=rank,
-                         world_size=world, seed=cfg.data.seed, shuffle=False, drop_last=False,
-                         caption_pad_to=cfg.model.caption_pad_to or None,
-                         number_pad_to=cfg.model.number_pad_to or None)
-    ys, preds, drugs, cells = [], [], [], []
-    for batch in make_loader(stream, 0):
-        preds.append(model.drp(batch)[0].numpy())
+    ys, preds, drugs, cells, kept = [], [], [], [], []
+    for batch in make_loader(eval_stream(cfg, shards, part, rank, world, wordpiece), 0):
+        if sum(len(b) for b in kept) < keep_samples:
+            kept.append(batch)
+        preds.append(model.drp(batch.to(device))[0].float().cpu().numpy())
         ys.append(batch.y.numpy())
         drugs.extend(batch.drug_ids)
         cells.extend(batch.cell_ids)
     empty = np.zeros(0, np.float32)
     return {"y": np.concatenate(ys) if ys else empty, "p": np.concatenate(preds) if preds else empty,
-            "drug_ids": np.asarray(drugs, dtype=str), "cell_ids": np.asarray(cells, dtype=str)}
+            "drug_ids": np.asarray(drugs, dtype=str), "cell_ids": np.asarray(cells, dtype=str),
+            "batches": kept}
 
 
 def save_predictions(url: str, predictions: dict) -> None:
     """An .npz of plain arrays (strings as unicode arrays: no pickle), written atomically."""
     buf = io.BytesIO()
-    np.savez(buf, **predictions)
+    np.savez(buf, **{k: predictions[k] for k in PREDICTION_KEYS})
     storage.write_bytes(url, buf.getvalue())
 
 

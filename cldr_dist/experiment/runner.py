@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from cldr_dist.experiment.spec import ExperimentSpec, stage_config
 
 DETERMINISTIC_BASELINES = ("train_mean", "drug_mean", "ridge")   # one run per split, whatever the seeds
 PINNED_KEYS = ("layers", "classical", "variants")  # what a resumed experiment may not change
-ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+$")
 
 
 class ExperimentError(Exception):
@@ -109,14 +107,6 @@ def checkpoint_url(result, cfg: Config) -> str:
     return path
 
 
-def root_cause(e: Exception) -> str:
-    """The worker's own error out of Ray Train's WorkerGroupError, whose first line only says
-    that workers failed: the last "SomethingError: message" line of its error snippet."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    causes = [m.group(0) for line in lines if (m := ERROR_LINE.search(line))]
-    return causes[-1] if causes else f"{type(e).__name__}: {(lines or [''])[0]}"
-
-
 def run_stage(spec: ExperimentSpec, cfg: Config, run: str, log) -> dict:
     """One training run (pretrain or finetune), or its record if it finished earlier."""
     from cldr_dist.train import trainer
@@ -130,7 +120,7 @@ def run_stage(spec: ExperimentSpec, cfg: Config, run: str, log) -> dict:
     try:
         result = trainer.run(cfg)  # Ray Train raises a failed run's error from fit()
     except Exception as e:  # noqa: BLE001 - reported as one line naming the run and its logs
-        raise ExperimentError(f"{cfg.train.mode} run {cfg.ray.name} failed ({root_cause(e)}); "
+        raise ExperimentError(f"{cfg.train.mode} run {cfg.ray.name} failed ({trainer.root_cause(e)}); "
                               f"logs under {trainer.log_dir(cfg)}; rerun the same command to resume") from e
     curve = Path(trainer.log_dir(cfg)) / f"{cfg.train.mode}_metrics.csv"
     if curve.is_file():

@@ -5,9 +5,8 @@ all-gathers both sides WITH autograd and computes only its own b rows of the b x
 logit memory per rank is O(b * B), not O(B * B).
 
 Gradient bookkeeping, checked by tests/losses/test_contrastive.py: rank r returns its local
-loss L_r; the global loss is mean_r L_r. torch.distributed.nn.all_gather's backward SUMS the
-gradients of every rank's gathered copy, so rank r's embeddings receive d(sum_r L_r)/d(own
-rows). Data-parallel training (DDP, DeepSpeed) then AVERAGES parameter gradients over ranks,
+loss L_r; the global loss is mean_r L_r. The functional all_gather's backward is a
+reduce-scatter with SUM, so rank r's embeddings receive d(sum_r L_r)/d(own rows). Data-parallel training (DDP, DeepSpeed) then AVERAGES parameter gradients over ranks,
 which gives exactly d(mean_r L_r)/d(params): the single-process gradient on the global batch.
 Do not also divide the loss by the world size.
 """
@@ -32,12 +31,14 @@ def _world() -> tuple[int, int]:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(b, D) on every rank -> (world * b, D), rank order; gradients flow back to each rank."""
-    from torch.distributed.nn.functional import all_gather
-    parts = all_gather(x)
-    if any(p.shape != x.shape for p in parts):
-        raise ValueError("every rank needs the same local batch size (drop_last)")
-    return torch.cat(parts)
+    """(b, D) on every rank -> (world * b, D), rank order; gradients flow back to each rank.
+
+    The functional collective names its group in the autograd graph. The deprecated
+    torch.distributed.nn.all_gather stores the ProcessGroup object there instead, so a live
+    loss tensor kept gloo's worker threads running past destroy_process_group; one of them
+    could then release a tensor during interpreter shutdown and abort the process."""
+    from torch.distributed._functional_collectives import all_gather_single, wait_tensor
+    return wait_tensor(all_gather_single(x.contiguous(), 0, dist.group.WORLD))
 
 
 def gathered_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,9 @@ class NumericKG(nn.Module):
         the sampled triples is encoded once."""
         t = sample_triples(self.num_triples, self.num_numbers, generator)
         uniq, inverse = torch.unique(torch.cat(t), return_inverse=True)
-        emb = F.normalize(encode(uniq.to(self.relation.device)), dim=-1)
+        emb = F.normalize(encode(uniq.to(self.relation.device)).float(), dim=-1)
         h, tl, nh, nt = emb[inverse.to(emb.device)].view(4, self.num_triples, -1)
-        return transe_loss(h, tl, nh, nt, self.relation, self.margin)
+        return transe_loss(h, tl, nh, nt, self.relation.float(), self.margin)
 
 
 class NumberTexts:
@@ -97,7 +97,8 @@ def pretrain_loss(model, batch, kg: NumericKG, numbers: NumberTexts, cfg: LossCo
                   generator: torch.Generator | None = None):
     """kg_weight * TransE + clip_weight * gathered CLIP. Returns (total, parts, model output)."""
     out = model(batch)
-    clip = gathered_clip_loss(out.sample, out.text, out.logit_scale)
+    # the loss in fp32 whatever the compute dtype (bf16 logits over thousands of negatives lose the ranking)
+    clip = gathered_clip_loss(out.sample.float(), out.text.float(), out.logit_scale.float())
     total = cfg.clip_weight * clip
     parts = {"clip": clip.detach()}
     if cfg.kg_weight > 0:

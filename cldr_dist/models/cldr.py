@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -26,7 +27,7 @@ DEFAULT_TEXT_BUCKETS = 4   # caption length buckets; 0 = run captions as padded 
 class CLDROutput(NamedTuple):
     sample: torch.Tensor       # (B, D) L2-normalised sample embedding
     text: torch.Tensor         # (B, D) L2-normalised text embedding
-    logit_scale: torch.Tensor  # () exp(logit_scale), clamped at max_logit_scale
+    logit_scale: torch.Tensor  # () exp(logit_scale); training clamps the parameter at ln(max_logit_scale)
     prediction: torch.Tensor   # (B,) the base model's regression output in (0, 1)
 
 
@@ -42,7 +43,14 @@ class CLDRModel(nn.Module):
         self.dedup_numbers = dedup_numbers   # encode each distinct number text of a batch once
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale).squeeze(0)
+        # no clamp here: a clamped output has no gradient, so a parameter past the cap could
+        # never come back; train/loop.py clamps the parameter itself after each step
+        return self.logit_scale.exp().squeeze(0)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """The parameter (not the output) at most ln(max_logit_scale), as open_clip does."""
+        self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
 
     def encode_number_texts(self, token_ids: torch.Tensor, lens: torch.Tensor,
                             index: torch.Tensor | None = None) -> torch.Tensor:

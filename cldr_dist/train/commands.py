@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 
 from cldr_dist.train import trainer
 
 
 class TrainingFailed(Exception):
-    pass
+    """A training run ended in a worker's error; the message is that error's one line."""
 
 
 def _train(args, cfg, mode: str):
     cfg.train.mode = mode
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cfg.ray.use_gpu else "cuda")
-    result = trainer.run(cfg)
+    try:
+        result = trainer.run(cfg)   # Ray Train raises a failed run's error from fit()
+    except Exception as e:  # noqa: BLE001 - one line naming the run and the worker's error
+        if type(e).__module__.startswith("cldr_dist.config"):
+            raise
+        raise TrainingFailed(f"{mode} run {cfg.ray.name} failed: {trainer.root_cause(e)}; "
+                             f"logs under {trainer.log_dir(cfg)}") from None
     if result.error:
-        raise TrainingFailed(f"{mode} run {cfg.ray.name} failed: {result.error}")
+        raise TrainingFailed(f"{mode} run {cfg.ray.name} failed: {trainer.root_cause(result.error)}")
     metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
     print(json.dumps({"run": cfg.ray.name, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                       "metrics": metrics}, indent=1, default=float))
@@ -29,7 +33,8 @@ def _evaluate(args, cfg):
     from cldr_dist.data.reader import open_shards
     from cldr_dist.eval.metrics import all_metrics
     from cldr_dist.eval.predict import predict_part
-    from cldr_dist.train.loop import load_model_weights, make_model
+    from cldr_dist.train.checkpoint import load_model_weights
+    from cldr_dist.train.loop import make_model
     if not args.checkpoint:
         raise ConfigError("cldr evaluate needs --checkpoint (a checkpoint directory or URL)")
     shards = open_shards(cfg.data.shards)

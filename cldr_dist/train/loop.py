@@ -1,24 +1,16 @@
 """train_loop_per_worker: one Ray Train worker = one DeepSpeed engine on the process group
-Ray created (gloo on CPU, nccl on GPU).
+Ray created (gloo on CPU; gloo for CPU tensors and nccl for CUDA tensors on GPU).
 
-A checkpoint (every train.checkpoint_every optimizer steps and at each epoch end) holds:
-    deepspeed/            DeepSpeed's own files; with ZeRO each rank writes its optimizer shard
-    rng-rank{r}.pt        each rank's torch and TransE generator states
-    trainer_state.json    epoch, batches consumed in it, optimizer step, world size, config hash
-    model.pt              the consolidated model weights (for finetune init and evaluation)
-Every rank reports its directory; Ray merges them into one checkpoint directory.
+Checkpoint contents and the resume rules: train/checkpoint.py. Evaluation reads the fp32
+weights (full_state_dict) into a plain copy of the model on the worker's device.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
-import posixpath
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +19,15 @@ import torch.distributed as dist
 
 from cldr_dist.config import Config, TrainConfig, config_from_dict
 from cldr_dist.data import storage
-from cldr_dist.data.reader import ShardSet, ShardStream, make_loader, open_shards
+from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, make_loader, open_shards
 from cldr_dist.eval.metrics import all_metrics
 from cldr_dist.models.cldr import CLDRModel, build_model
+from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_state_dict, load_model_weights,
+                                        model_weights, restore_checkpoint, save_checkpoint)
+from cldr_dist.train.device import select_accelerator
+from cldr_dist.train.runlog import RunLog
 
-STATE_FILE = "trainer_state.json"
-MODEL_FILE = "model.pt"
-DS_TAG = "deepspeed"
 FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the last rank dies once at STEP
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0
-    batch: int = 0              # micro-batches of this epoch already consumed by each rank
-    step: int = 0               # optimizer steps
-    world_size: int = 1
-    config_digest: str = ""
-    best_val_mse: float = math.inf
-    metrics: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- building
@@ -54,6 +36,11 @@ def make_model(cfg: Config, shards: ShardSet) -> CLDRModel:
     return build_model(cfg.model, cfg.loss, vocab_size=shards.manifest["tokenizer"]["vocab_size"],
                        num_cell_features=shards.features.num_cell_features,
                        text_buckets=cfg.model.text_buckets, dedup_numbers=cfg.model.dedup_numbers)
+
+
+def uses_bf16(train: TrainConfig, use_gpu: bool) -> bool:
+    """train.precision auto: bf16 on GPU, fp32 on CPU."""
+    return train.precision == "bf16" or (train.precision == "auto" and use_gpu)
 
 
 def uses_captions(cfg: Config) -> bool:
@@ -74,22 +61,6 @@ def build_objective(cfg: Config, shards: ShardSet, rank: int) -> torch.nn.Module
     return PretrainObjective(model, numbers, cfg.loss, seed=cfg.train.seed * 1000 + rank)
 
 
-def model_weights(objective_state: dict) -> dict:
-    """The CLDR model's part of an objective's state dict (its keys under `model.`); the
-    objective also holds the TransE relation, which the model does not have."""
-    return {k[len("model."):]: v for k, v in objective_state.items() if k.startswith("model.")}
-
-
-def load_model_weights(model: CLDRModel, checkpoint_url: str) -> None:
-    """Model weights from a checkpoint directory (local or s3://) written by this loop."""
-    url = storage.join(checkpoint_url.rstrip("/"), MODEL_FILE)
-    import io
-    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(model_weights(state), strict=False)
-    if missing or unexpected:
-        raise storage.StorageError(f"{url}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
     path = Path(train.deepspeed_config)
     if not path.is_file():
@@ -98,206 +69,33 @@ def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict:
     ds.update(train_micro_batch_size_per_gpu=train.batch_size,
               gradient_accumulation_steps=train.grad_accum,
               gradient_clipping=train.grad_clip)
-    ds["bf16"] = {"enabled": bool(use_gpu)}
+    ds["bf16"] = {"enabled": uses_bf16(train, use_gpu)}
     return ds
-
-
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Unpartitioned weights on every rank (ZeRO-3 gathers them: a collective, call on all)."""
-    import deepspeed
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-# ----------------------------------------------------------------------------- logging
-
-class RunLog:
-    """Rank 0's record of the run: a CSV and TensorBoard under log_dir, a line every N steps."""
-
-    def __init__(self, log_dir: str | None, mode: str, rank: int):
-        self.mode, self.t0, self.rank = mode, time.time(), rank
-        self.csv = self.tb = None
-        if log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(log_dir) / f"{mode}_metrics.csv"
-            new = not path.exists()
-            self.csv_file = open(path, "a", newline="")
-            self.csv = csv.writer(self.csv_file)
-            if new:
-                self.csv.writerow(["time", "epoch", "step", "name", "value"])
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard" / mode))
-
-    def scalars(self, epoch: int, step: int, values: dict[str, float]) -> None:
-        if self.csv:
-            now = round(time.time() - self.t0, 3)
-            for k, v in values.items():
-                self.csv.writerow([now, epoch, step, k, v])
-                self.tb.add_scalar(f"{self.mode}/{k}", v, step)
-            self.csv_file.flush()
-
-    def line(self, text: str) -> None:
-        if self.rank == 0:
-            print(f"[{self.mode}] {text}", flush=True)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: int, metrics: dict,
-                    log: RunLog) -> dict:
-    """Writes and reports one checkpoint (weights: full_state_dict(engine), which the caller may
-    already hold for evaluation); returns the seconds it took and the MiB this rank wrote."""
-    import ray.train
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=DS_TAG)
-        rng = {"torch": torch.get_rng_state()}
-        if hasattr(objective, "generator"):
-            rng["generator"] = objective.generator.get_state()
-        torch.save(rng, Path(d) / f"rng-rank{rank}.pt")
-        if rank == 0:
-            torch.save(weights, Path(d) / MODEL_FILE)
-            Path(d, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        size_mb = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) / 2**20
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    seconds = time.time() - t0
-    log.line(f"checkpoint at step {state.step}: {size_mb:.1f} MiB from this rank, {seconds:.1f}s")
-    return {"checkpoint_s": seconds, "checkpoint_mb": size_mb}
-
-
-def checkpoint_problem(fs, path: str, zero_stage: int) -> str | None:
-    """What a checkpoint directory lacks (None: complete). A rank that died mid-upload, or a
-    file lost afterwards, leaves such a hole. Ranks are counted from the checkpoint's own
-    world size, so resuming with another ray.num_workers still gets restore's clear error."""
-    from pyarrow.fs import FileSelector, FileType
-    try:
-        infos = fs.get_file_info(FileSelector(path, recursive=True))
-        names = {posixpath.relpath(i.path, path) for i in infos if i.type == FileType.File}
-        if STATE_FILE not in names:
-            return f"no {STATE_FILE}"
-        with fs.open_input_stream(posixpath.join(path, STATE_FILE)) as f:
-            world = int(json.loads(f.read())["world_size"])
-    except (OSError, ValueError, KeyError) as e:
-        return f"unreadable: {type(e).__name__}"
-    for name in (MODEL_FILE, *(f"rng-rank{r}.pt" for r in range(world))):
-        if name not in names:
-            return f"no {name}"
-    ds = [n for n in names if n.startswith(DS_TAG + "/")]
-    if not any(n.endswith("model_states.pt") for n in ds):
-        return f"no {DS_TAG}/ model states"
-    if zero_stage > 0:  # ZeRO partitions the optimizer: every rank wrote its own shard
-        for r in range(world):
-            if not any(n.endswith(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for n in ds):
-                return f"no {DS_TAG}/ optimizer shard of rank {r}"
-    return None
-
-
-def usable_checkpoint(checkpoint, zero_stage: int):
-    """(rank 0) The checkpoint to resume from: the one Ray handed over if it is complete, else
-    the newest older complete one in the same run directory (Ray names them
-    checkpoint_<timestamp>, so name order is age order), else None. Returns (path, warning)."""
-    from pyarrow.fs import FileSelector, FileType
-    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    problem = checkpoint_problem(fs, path, zero_stage)
-    if problem is None:
-        return path, None
-    run_dir, handed = posixpath.split(path)
-    siblings = sorted((i.base_name for i in fs.get_file_info(FileSelector(run_dir))
-                       if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
-                       and i.base_name < handed), reverse=True)
-    for name in siblings:
-        older = posixpath.join(run_dir, name)
-        if checkpoint_problem(fs, older, zero_stage) is None:
-            return older, f"warning: checkpoint {path} is incomplete ({problem}); resuming from {older}"
-    return None, (f"warning: checkpoint {path} is incomplete ({problem}) and no older complete "
-                  f"checkpoint is left in {run_dir}; starting from scratch")
-
-
-def choose_checkpoint(checkpoint, rank: int, world: int, zero_stage: int, log: RunLog):
-    """The checkpoint every rank restores (or None): rank 0 decides and broadcasts, so that
-    ranks never resume from different steps even if storage changes while they look."""
-    import ray.train
-    choice = [None]
-    if rank == 0:
-        path, warning = usable_checkpoint(checkpoint, zero_stage)
-        if warning:
-            log.line(warning)
-        choice = [path]
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    if choice[0] is None:
-        return None
-    if choice[0] == checkpoint.path.rstrip("/"):
-        return checkpoint
-    return ray.train.Checkpoint(choice[0], filesystem=checkpoint.filesystem)
-
-
-def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, digest: str, log: RunLog) -> TrainState:
-    # Each rank downloads into its own directory: checkpoint.as_directory() shares one temp dir
-    # per node, and two ranks restoring from S3 at once race on it (seen with Ray 2.60).
-    with tempfile.TemporaryDirectory(prefix=f"cldr-restore-rank{rank}-") as d:
-        checkpoint.to_directory(d)
-        d = Path(d)
-        if not (d / STATE_FILE).is_file():
-            raise RuntimeError(f"checkpoint {checkpoint.path} is incomplete: no {STATE_FILE}")
-        state = TrainState(**json.loads((d / STATE_FILE).read_text()))
-        if state.world_size != world:
-            raise RuntimeError(f"checkpoint {checkpoint.path} was written by {state.world_size} workers; "
-                               f"resume with ray.num_workers={state.world_size}")
-        rng_file = d / f"rng-rank{rank}.pt"
-        if not rng_file.is_file():
-            raise RuntimeError(f"checkpoint {checkpoint.path} is incomplete: no {rng_file.name}")
-        load_path, _ = engine.load_checkpoint(str(d), tag=DS_TAG)
-        if load_path is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed could not load {DS_TAG}/")
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "generator" in rng:
-            objective.generator.set_state(rng["generator"])
-    if state.config_digest != digest and rank == 0:
-        log.line(f"warning: checkpoint config hash {state.config_digest} differs from this run's {digest}")
-    if rank == 0:
-        log.line(f"resumed from {checkpoint.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
-    return state
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def plain_copy(cfg: Config, shards: ShardSet, weights: dict) -> CLDRModel:
-    """The model outside DeepSpeed, from full_state_dict weights: its forward runs no
-    collectives, so ranks with uneven evaluation shares cannot hang (ZeRO-3 included)."""
+def plain_copy(cfg: Config, shards: ShardSet, weights: dict, device: torch.device | str = "cpu") -> CLDRModel:
+    """The model outside DeepSpeed, in fp32 from full_state_dict weights, on `device`: its
+    forward runs no collectives, so ranks with uneven evaluation shares cannot hang."""
     model = make_model(cfg, shards)
     model.load_state_dict(model_weights(weights))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: int, world: int,
-             zero_shot: bool) -> dict[str, float]:
-    """Metrics of one part on every rank: each rank predicts its share with a model that runs no
-    collectives (plain_copy, or the reference path's own), then predictions are gathered."""
+             zero_shot: bool, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Metrics of one part on every rank: each rank predicts its share (eval/predict.py's
+    stream) with a model that runs no collectives, then predictions are gathered."""
+    from cldr_dist.eval.predict import predict_part
     from cldr_dist.eval.zeroshot import zeroshot_predict
     from cldr_dist.losses.numeric_kg import NumberTexts
-    model.eval()
-    stream = ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.batch_size, rank=rank,
-                         world_size=world, seed=cfg.data.seed, shuffle=False, drop_last=False,
-                         caption_pad_to=cfg.model.caption_pad_to or None,
-                         number_pad_to=cfg.model.number_pad_to or None,
-                         wordpiece=zero_shot and cfg.model.text_tower == "minilm")
-    ys, preds, drugs, batches = [], [], [], []
-    with torch.no_grad():
-        for batch in make_loader(stream, 0):
-            preds.append(model.drp(batch)[0].numpy())
-            ys.append(batch.y.numpy())
-            drugs.extend(batch.drug_ids)
-            if zero_shot and sum(len(b) for b in batches) < cfg.train.zeroshot_samples // world:
-                batches.append(batch)
-    local = {"y": np.concatenate(ys) if ys else np.zeros(0), "p": np.concatenate(preds) if preds else np.zeros(0),
-             "drugs": drugs}
-    if zero_shot and batches:
-        local["zs_y"], local["zs_p"] = zeroshot_predict(model, batches, NumberTexts(shards.features))
+    keep = cfg.train.zeroshot_samples // world if zero_shot else 0
+    pred = predict_part(cfg, shards, model, part, rank, world, device=device, keep_samples=keep,
+                        wordpiece=zero_shot and cfg.model.text_tower == "minilm")
+    local = {"y": pred["y"], "p": pred["p"]}
+    if pred["batches"]:
+        local["zs_y"], local["zs_p"] = zeroshot_predict(model, pred["batches"], NumberTexts(shards.features))
     gathered = [local]
     if world > 1:
         gathered = [None] * world
@@ -306,7 +104,7 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
     p = np.concatenate([g["p"] for g in gathered])
     out = {f"{part}_{k}": v for k, v in all_metrics(y, p).items()}
     out[f"{part}_samples"] = int(len(y))
-    if zero_shot and "zs_y" in gathered[0]:
+    if any("zs_y" in g for g in gathered):
         zy = np.concatenate([g["zs_y"] for g in gathered if "zs_y" in g])
         zp = np.concatenate([g["zs_p"] for g in gathered if "zs_p" in g])
         out[f"{part}_zeroshot_pcc"] = all_metrics(zy, zp)["pcc"]
@@ -325,9 +123,10 @@ def _fault_injection(spec: str | None, step: int, rank: int, world: int) -> None
         os._exit(1)  # abrupt, like a lost process: no cleanup, no report
 
 
-def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+def _mean_over_ranks(values: dict[str, torch.Tensor], world: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Means over ranks, reduced on the worker's device (an NCCL group moves CUDA tensors only)."""
     keys = sorted(values)
-    t = torch.stack([values[k].detach().float().cpu() for k in keys])
+    t = torch.stack([torch.as_tensor(values[k]).detach().float().to(device) for k in keys])
     if world > 1:
         dist.all_reduce(t)
         t /= world
@@ -345,13 +144,31 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
+def clamp_logit_scale(engine, objective, max_scale: float) -> None:
+    """Keeps the CLIP temperature parameter at most ln(max_scale), as open_clip does after each
+    step. The clamp acts on the parameter, not on the forward's output: a clamped output has no
+    gradient, and a parameter Adam carried past the cap could never come back. Under ZeRO the
+    optimizer's fp32 master copy is the one that persists, so it is clamped too."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    model = getattr(objective, "model", None)
+    if model is None or not getattr(objective, "clamps_logit_scale", False):
+        return
+    param, cap = model.logit_scale, math.log(max_scale)
+    master = safe_get_full_fp32_param(param)   # a collective under ZeRO: every rank calls it
+    if master is not None and float(master.max()) > cap:
+        safe_set_full_fp32_param(param, master.clamp(max=cap))
+    if engine.zero_optimization_stage() < 3:   # ZeRO-3's module holds only a partition
+        model.clamp_logit_scale_()
+
+
 def train_loop_per_worker(config: dict) -> None:
+    cfg = config_from_dict(config["cfg"])
+    select_accelerator(cfg.ray.use_gpu)   # before DeepSpeed loads: it picks its accelerator once
     import deepspeed
     import ray.train
     import ray.train.torch
 
     _quiet_ray_train_reports()
-    cfg = config_from_dict(config["cfg"])
     log_dir = config.get("log_dir")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -366,15 +183,16 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, cfg.ray.use_gpu))
-    digest = cfg.digest()
-    state = TrainState(world_size=world, config_digest=digest)
+    # DeepSpeed's bf16 casts the parameters, not the inputs: features follow the parameters
+    feature_dtype = torch.bfloat16 if uses_bf16(cfg.train, cfg.ray.use_gpu) else torch.float32
+    state = TrainState(world_size=world, config_digest=cfg.digest(), config=cfg.to_dict())
     timings: dict[str, float] = {}  # last checkpoint save / restore, carried into the metrics
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         checkpoint = choose_checkpoint(checkpoint, rank, world, engine.zero_optimization_stage(), log)
     if checkpoint:
         t0 = time.time()
-        state = restore_checkpoint(engine, objective, checkpoint, rank, world, digest, log)
+        state = restore_checkpoint(engine, objective, checkpoint, rank, world, cfg.to_dict(), log)
         timings["restore_s"] = time.time() - t0
 
     stream = ShardStream(shards, cfg.data.split, "train", batch_size=cfg.train.batch_size, rank=rank,
@@ -399,29 +217,35 @@ def train_loop_per_worker(config: dict) -> None:
     zero_shot = cfg.train.mode == "pretrain"
 
     def end_of_epoch_metrics(weights: dict) -> dict:
-        model = plain_copy(cfg, shards, weights)
-        out = evaluate(cfg, shards, model, "val", rank, world, zero_shot)
+        model = plain_copy(cfg, shards, weights, device)
+        out = evaluate(cfg, shards, model, "val", rank, world, zero_shot, device)
         if cfg.train.mode == "finetune" and out["val_mse"] < state.best_val_mse:
             state.best_val_mse = out["val_mse"]
-            out.update({f"best_{k}": v for k, v in evaluate(cfg, shards, model, "test", rank, world, False).items()})
+            test = evaluate(cfg, shards, model, "test", rank, world, False, device)
+            out.update({f"best_{k}": v for k, v in test.items()})
             out["best_epoch"] = state.epoch
         return out
 
     window_t, window_samples = time.time(), 0
+    step_sums: dict[str, torch.Tensor] = {}   # losses summed over this step's micro-batches
     while state.step < total_steps:
         stream.epoch, stream.start_batch = state.epoch, state.batch
         for batch in make_loader(stream, cfg.data.loader_workers):
-            loss, parts = engine(batch.to(device))
+            loss, parts = engine(batch.to(device, feature_dtype))
             engine.backward(loss)
             engine.step()
+            for k, v in {"loss": loss, **parts}.items():
+                step_sums[k] = step_sums.get(k, 0) + v.detach().float()
             state.batch += 1
             window_samples += len(batch) * world
             if state.batch % accum:
                 continue
             state.step += 1
+            clamp_logit_scale(engine, objective, cfg.loss.max_logit_scale)
+            step_means, step_sums = {k: v / accum for k, v in step_sums.items()}, {}
             _fault_injection(config.get("fault"), state.step, rank, world)
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                values = _mean_over_ranks({"loss": loss, **parts}, world)
+                values = _mean_over_ranks(step_means, world, device)
                 values["lr"] = optimizer.param_groups[0]["lr"]
                 values["samples_per_s"] = window_samples / max(time.time() - window_t, 1e-9)
                 window_t, window_samples = time.time(), 0
@@ -436,6 +260,11 @@ def train_loop_per_worker(config: dict) -> None:
                 timings.update(save_checkpoint(engine, objective, full_state_dict(engine), state, rank,
                                                state.metrics, log))
                 window_t, window_samples = time.time(), 0  # samples/s measures training only
+        if state.batch < epoch_batches and state.step < total_steps:
+            # the reader checks shard lengths; this guards the loop itself against replaying
+            # an epoch forever while the other ranks wait in a collective
+            raise ShardError(f"rank {rank} got {state.batch} of the {epoch_batches} batches of epoch "
+                             f"{state.epoch + 1}: the shards hold fewer samples than the manifest says")
         if state.batch >= epoch_batches:  # the epoch ran to its end
             state.epoch, state.batch = state.epoch + 1, 0
             weights = full_state_dict(engine)
@@ -449,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
             window_t, window_samples = time.time(), 0
 
     weights = full_state_dict(engine)
-    final = evaluate(cfg, shards, plain_copy(cfg, shards, weights), "test", rank, world, zero_shot)
+    final = evaluate(cfg, shards, plain_copy(cfg, shards, weights, device), "test", rank, world, zero_shot, device)
     state.metrics.update(final)
     state.metrics["done"] = True
     log.scalars(state.epoch, state.step, final)

@@ -16,6 +16,8 @@ from cldr_dist.models.text import TOWER_DIM
 class PretrainObjective(nn.Module):
     """kg_weight * TransE(number texts) + clip_weight * CLIP over the gathered global batch."""
 
+    clamps_logit_scale = True   # the loop clamps model.logit_scale after each optimizer step
+
     def __init__(self, model: CLDRModel, numbers: NumberTexts, loss_cfg: LossConfig, seed: int):
         super().__init__()
         self.model = model
@@ -41,5 +43,5 @@ class FinetuneObjective(nn.Module):
 
     def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction, _ = self.model.drp(batch)
-        loss = F.mse_loss(prediction, batch.y)
+        loss = F.mse_loss(prediction.float(), batch.y)   # in fp32 whatever the compute dtype
         return loss, {"mse": loss.detach()}

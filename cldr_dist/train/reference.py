@@ -40,6 +40,8 @@ def train_reference(cfg: Config, objective: torch.nn.Module | None = None, log=p
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
             optimizer.step()
+            if getattr(objective, "clamps_logit_scale", False):
+                objective.model.clamp_logit_scale_()
             step, samples = step + 1, samples + len(batch)
             out = {"step": step, "loss": float(loss), **{k: float(v) for k, v in parts.items()}}
             if step % cfg.train.log_every == 0:

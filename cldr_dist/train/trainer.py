@@ -7,23 +7,35 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cldr_dist.config import Config, ConfigError
 from cldr_dist.data import storage
+from cldr_dist.train.device import process_group_backend
 from cldr_dist.train.loop import FAULT_ENV, train_loop_per_worker
 
 # Variables the workers need from the driver's environment (S3 endpoint and credentials);
 # they travel in the runtime_env, never in logs.
+# DS_ACCELERATOR is not among them: each worker sets it from ray.use_gpu (train/device.py).
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "DS_ACCELERATOR")
+                 "AWS_REGION", "AWS_ENDPOINT_URL")
+ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+$")
 
 
 def worker_env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.setdefault("DS_ACCELERATOR", "cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "cuda")
-    return env
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def root_cause(e: Exception | str) -> str:
+    """The worker's own error out of Ray Train's WorkerGroupError, whose first line only says
+    that workers failed: the last "SomethingError: message" line of its error snippet."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    causes = [m.group(0) for line in lines if (m := ERROR_LINE.search(line))]
+    if causes:
+        return causes[-1]
+    return f"{type(e).__name__}: {(lines or [''])[0]}" if isinstance(e, Exception) else (lines or [""])[0]
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -97,7 +109,7 @@ def run(cfg: Config):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "log_dir": log_dir(cfg), "fault": os.environ.get(FAULT_ENV)},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.ray.use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                                placement_strategy=cfg.ray.placement_strategy),

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from cldr_dist.config import LossConfig, ModelConfig
@@ -24,11 +25,17 @@ def test_outputs_normalised_and_scale(tiny_batch, tiny_prepared):
     assert out.prediction.shape == (len(tiny_batch),)
 
 
-def test_logit_scale_is_clamped(tiny_prepared):
+def test_logit_scale_parameter_is_clamped_and_can_come_back(tiny_prepared):
+    """Past the cap the output still has a gradient (an output clamp would zero it and leave the
+    parameter stuck), and clamp_logit_scale_ brings the parameter itself back to ln(100)."""
     model = _model(tiny_prepared)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert model.scale().item() == LossConfig().max_logit_scale
+    model.scale().backward()
+    assert model.logit_scale.grad.abs().item() > 0
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(math.log(LossConfig().max_logit_scale))
+    assert model.scale().item() == pytest.approx(LossConfig().max_logit_scale)
 
 
 def test_fixed_and_longest_padding_give_same_embeddings(tiny_tables, tiny_prepared):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cldr_dist.train import trainer
-from cldr_dist.train.loop import checkpoint_problem, usable_checkpoint
+from cldr_dist.train.checkpoint import checkpoint_problem, usable_checkpoint
 
 from tests.conftest import train_config
 

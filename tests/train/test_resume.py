@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from cldr_dist.train import trainer
-from cldr_dist.train.loop import FAULT_ENV, MODEL_FILE, STATE_FILE
+from cldr_dist.train.checkpoint import MODEL_FILE, STATE_FILE
+from cldr_dist.train.loop import FAULT_ENV
 
 from tests.conftest import train_config
 
