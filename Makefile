@@ -13,7 +13,7 @@ TINY_SHARDS := shards/tiny
 
 EXPERIMENT ?= gdsc_cpu
 
-.PHONY: setup shards shards-tiny demo experiment report results test test-all bench clean
+.PHONY: setup shards shards-tiny demo experiment report results test test-all bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,11 @@ test: setup
 
 test-all: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "" tests
+
+# On a GPU machine: tiny shards -> pretrain -> finetune -> evaluate with NCCL + bf16, one worker
+# per GPU (at most 2); fails unless the losses are finite and fall. Writes runs/gpu_check/gpu_check.json.
+gpu-check: setup
+	$(PY) launch/gpu_check.py --out runs/gpu_check
 
 bench: setup
 	$(PY) benchmarks/bench_shards.py --data $(DATA)

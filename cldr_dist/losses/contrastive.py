@@ -5,9 +5,9 @@ all-gathers both sides WITH autograd and computes only its own b rows of the b x
 logit memory per rank is O(b * B), not O(B * B).
 
 Gradient bookkeeping, checked by tests/losses/test_contrastive.py: rank r returns its local
-loss L_r; the global loss is mean_r L_r. The functional all_gather's backward is a
-reduce-scatter with SUM, so rank r's embeddings receive d(sum_r L_r)/d(own rows). Data-parallel training (DDP, DeepSpeed) then AVERAGES parameter gradients over ranks,
-which gives exactly d(mean_r L_r)/d(params): the single-process gradient on the global batch.
+loss L_r; the global loss is mean_r L_r. gather_with_grad's backward sums over ranks, so
+rank r's embeddings receive d(sum_r L_r)/d(own rows). Data-parallel training (DDP,
+DeepSpeed) then AVERAGES parameter gradients over ranks, which gives exactly d(mean_r L_r)/d(params): the single-process gradient on the global batch.
 Do not also divide the loss by the world size.
 """
 from __future__ import annotations
@@ -30,15 +30,36 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the SUM over ranks of the gradient of its own
+    rows (all-reduce, then this rank's slice), as open_clip's gather with gradients.
+
+    Written out rather than taken from torch because of what it must not hold: gloo joins its
+    worker threads only when the last reference to the process group goes. The deprecated
+    torch.distributed.nn.all_gather binds the live group as a default argument (imported after
+    init), and the functional all_gather_single keeps one as well; either way the threads outlive
+    destroy_process_group, and one of them releasing a finished collective's tensor during
+    interpreter shutdown aborts the process (SIGABRT, "terminate called without an active
+    exception"). This Function keeps nothing: the collectives use the default group when called."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(b, D) on every rank -> (world * b, D), rank order; gradients flow back to each rank.
-
-    The functional collective names its group in the autograd graph. The deprecated
-    torch.distributed.nn.all_gather stores the ProcessGroup object there instead, so a live
-    loss tensor kept gloo's worker threads running past destroy_process_group; one of them
-    could then release a tensor during interpreter shutdown and abort the process."""
-    from torch.distributed._functional_collectives import all_gather_single, wait_tensor
-    return wait_tensor(all_gather_single(x.contiguous(), 0, dist.group.WORLD))
+    Every rank must pass the same b (the reader's drop_last guarantees it)."""
+    return _GatherWithGrad.apply(x)
 
 
 def gathered_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -89,12 +89,14 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     ZeRO gathers the partitions: a collective, call it on every rank in the same order."""
     from deepspeed.utils import safe_get_full_fp32_param
     module = engine.module
+    params = dict(module.named_parameters())
     out = {}
-    for name, param in module.named_parameters():
-        master = safe_get_full_fp32_param(param)   # None: no ZeRO/bf16 mapping, the module is fp32
-        out[name] = (param if master is None else master).detach().float().cpu().clone()
-    for name, buf in module.named_buffers():
-        out[name] = buf.detach().float().cpu().clone() if buf.is_floating_point() else buf.detach().cpu().clone()
+    for name, value in module.state_dict().items():   # persistent buffers too, in a fixed order
+        if name in params:
+            master = safe_get_full_fp32_param(params[name])   # None: no ZeRO/bf16 mapping, fp32 already
+            value = params[name] if master is None else master
+        value = value.detach().cpu()
+        out[name] = (value.float() if value.is_floating_point() else value).clone()
     return out
 
 

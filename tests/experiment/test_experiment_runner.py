@@ -81,7 +81,7 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, spec):
 
 
 def test_a_failed_run_is_named_by_the_workers_own_error():
-    from cldr_dist.experiment.runner import root_cause
+    from cldr_dist.train.trainer import root_cause
 
     class WorkerGroupError(Exception):
         pass

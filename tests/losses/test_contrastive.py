@@ -1,6 +1,7 @@
 """The gathered local-rows loss in 2 gloo processes equals single-process CLIP on the global
 batch: same loss (mean over ranks) and same gradients after data-parallel averaging."""
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,12 @@ def _loss(params, x, z, fn):
     return fn(a, b, params["scale"].exp())
 
 
+def _gloo_threads() -> int:
+    """gloo's worker threads alive in this process (Linux names them pt_gloo_runloop)."""
+    tasks = Path("/proc/self/task")
+    return sum((t / "comm").read_text().strip() == "pt_gloo_runloop" for t in tasks.iterdir())
+
+
 def _worker(rank, port, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     params, x, z = _setup()
@@ -39,9 +46,13 @@ def _worker(rank, port, out_path):
         result[k] = p.grad / WORLD
     dist.all_reduce(result["loss"])
     result["loss"] /= WORLD
+    # `loss` (and its autograd graph) is still alive here, as in a training loop. If the graph
+    # held the ProcessGroup, destroy_process_group would leave gloo's threads running, and one
+    # of them releasing a tensor during interpreter shutdown aborts the process (SIGABRT).
+    dist.destroy_process_group()
+    result["gloo_threads_after_destroy"] = torch.tensor(_gloo_threads())
     if rank == 0:
         torch.save(result, out_path)
-    dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -54,6 +65,7 @@ def test_two_process_gathered_loss_equals_global(tmp_path):
     out = tmp_path / "grads.pt"
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     got = torch.load(out, weights_only=True)
+    assert got.pop("gloo_threads_after_destroy").item() == 0
     params, x, z = _setup()
     loss = _loss(params, x, z, clip_loss)
     loss.backward()
