@@ -90,9 +90,12 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
     module = engine.module
     params = dict(module.named_parameters())
+    # fp32 parameters that ZeRO did not partition are the master weights already; gathering each
+    # from the optimizer would cost one collective per tensor for nothing
+    exact = engine.zero_optimization_stage() < 3 and all(p.dtype == torch.float32 for p in params.values())
     out = {}
     for name, value in module.state_dict().items():   # persistent buffers too, in a fixed order
-        if name in params:
+        if name in params and not exact:
             master = safe_get_full_fp32_param(params[name])   # None: no ZeRO/bf16 mapping, fp32 already
             value = params[name] if master is None else master
         value = value.detach().cpu()
