@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cldr_dist.config import Config, ConfigError
+from cldr_dist.config import Config, ConfigError, check_shared_storage
 from cldr_dist.data import storage
 from cldr_dist.train.device import process_group_backend
 from cldr_dist.train.loop import FAULT_ENV, train_loop_per_worker
@@ -71,8 +71,11 @@ def storage_target(storage_path: str):
 
 
 def log_dir(cfg: Config) -> str:
-    base = cfg.ray.storage_path if not storage.is_s3(cfg.ray.storage_path) else "runs"
-    return str(Path(base, cfg.ray.name, "logs").resolve())
+    """Where rank 0's CSV and TensorBoard logs land: beside the run's checkpoints, on its
+    storage (an s3:// URL or an absolute local path), not on whatever node rank 0 ran."""
+    if storage.is_s3(cfg.ray.storage_path):
+        return storage.join(cfg.ray.storage_path, cfg.ray.name, "logs")
+    return str(Path(cfg.ray.storage_path, cfg.ray.name, "logs").resolve())
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -90,6 +93,7 @@ def absolute_paths(cfg: Config) -> Config:
 def preflight(cfg: Config) -> None:
     """Fail on the driver, in one line, before any worker starts."""
     from cldr_dist.data.reader import open_shards
+    check_shared_storage(cfg)  # again: callers (demo, cldr experiment) set paths after loading
     shards = open_shards(cfg.data.shards)
     shards.part(cfg.data.split, "train")
     if not Path(cfg.train.deepspeed_config).is_file():
