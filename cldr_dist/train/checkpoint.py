@@ -93,7 +93,10 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     for name, param in module.named_parameters():
         master = safe_get_full_fp32_param(param)   # None: no ZeRO/bf16 mapping, the module is fp32
         out[name] = (param if master is None else master).detach().float().cpu().clone()
+    persistent = module.state_dict().keys()   # not CLIPTextModel's non-persistent position_ids
     for name, buf in module.named_buffers():
+        if name not in persistent:
+            continue
         out[name] = buf.detach().float().cpu().clone() if buf.is_floating_point() else buf.detach().cpu().clone()
     return out
 
