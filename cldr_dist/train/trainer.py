@@ -6,6 +6,7 @@ latest complete checkpoint to ray.train.get_checkpoint() in every worker.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from urllib.parse import urlparse
 
 from cldr_dist.config import Config, ConfigError, check_shared_storage
 from cldr_dist.data import storage
+from cldr_dist.train import console
 from cldr_dist.train.device import process_group_backend
 from cldr_dist.train.loop import FAULT_ENV, train_loop_per_worker
 
@@ -25,7 +27,7 @@ ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+$")
 
 
 def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **console.worker_console_env()}
 
 
 def root_cause(e: Exception | str) -> str:
@@ -46,13 +48,16 @@ def ensure_ray(cfg: Config) -> None:
     # merge a driver env var the job also sets.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     runtime_env = None if in_job else {"env_vars": worker_env()}
+    console.before_init()
+    # logging_level: the driver's Ray INFO lines ("Started a local Ray instance") are not events of the run
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         cpus = max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1)
         # address="local": without it ray.init joins whatever cluster this machine started last
         ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, logging_level=logging.WARNING)
+    console.filter_worker_output()
 
 
 def storage_target(storage_path: str):
@@ -120,6 +125,9 @@ def run(cfg: Config):
         run_config=ray.train.RunConfig(
             name=cfg.ray.name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Ray Train's own INFO lines (resources requested, worker group started, process
+            # group set up) stay in its log files; its warnings and errors reach the console
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     return trainer.fit()
