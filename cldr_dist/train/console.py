@@ -18,7 +18,9 @@ Where the noise came from, and what is done about it:
   the API needs the dashboard, which a local instance runs without (it costs ~0.9 GiB), so every
   poll printed a warning, or a traceback where two Ray instances share the machine; DeepSpeed's
   "built successfully" print on every CPU worker; a core_worker log about an actor's
-  constructor arguments: dropped on the driver (NOISE_*), since Ray offers no setting for them.
+  constructor arguments; the controller's warning when the cleaner died (where another Ray
+  instance runs on the machine, the cleaner's State API calls reach that one, which has no
+  such controller, and it exits): dropped on the driver (NOISE_*), since Ray offers no setting.
 A worker's exception is not filtered: the run fails, and the driver prints its one line
 (trainer.root_cause).
 """
@@ -56,8 +58,26 @@ def before_init() -> None:
         lambda record: "Token authentication is enabled" not in record.getMessage())
 
 
-def is_noise(data: dict, line: str) -> bool:
-    return data.get("actor_name") in NOISE_ACTORS or any(p.search(line) for p in NOISE_LINES)
+# Multi-line records, dropped from their first line to their last: the controller's warning
+# that the cleaner had died (where another Ray instance on the machine answers its State API
+# calls, it finds no controller there and exits).
+NOISE_BLOCKS = ((re.compile(r"^Failed to register placement group with cleaner: "),
+                 re.compile(r"may not be cleaned up if controller dies ungracefully\.$")),)
+
+
+def drop_noise(data: dict) -> list[str]:
+    """The lines of one batch Ray forwards, without NOISE_*."""
+    if data.get("actor_name") in NOISE_ACTORS:
+        return []
+    kept, end = [], None
+    for line in data.get("lines", ()):
+        if end is None:
+            end = next((stop for start, stop in NOISE_BLOCKS if start.search(line)), None)
+            if end is None and not any(p.search(line) for p in NOISE_LINES):
+                kept.append(line)
+        if end is not None and end.search(line):
+            end = None
+    return kept
 
 
 def filter_worker_output() -> bool:
@@ -73,7 +93,7 @@ def filter_worker_output() -> bool:
         return printer is not None
 
     def filtered(data: dict) -> None:
-        lines = [line for line in data.get("lines", ()) if not is_noise(data, line)]
+        lines = drop_noise(data)
         if lines:
             printer({**data, "lines": lines})
 

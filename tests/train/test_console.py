@@ -54,8 +54,15 @@ def test_driver_drops_known_noise_and_keeps_the_rest():
         dispatcher.emit({"pid": 13, "actor_name": "TrainController", "is_err": True, "lines": [
             "[2026-11-29 19:22:02,067 E 1 2] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
             "and ID: 'c92c' has constructor arguments in the object store and max_restarts > 0"]})
-        assert [d["lines"] for d in printed] == [["[pretrain] epoch 1/2 step 5/30 loss 4.1",
-                                                   "Traceback (most recent call last):", "ValueError: a real error"]]
+        dispatcher.emit({"pid": 13, "actor_name": "TrainController", "is_err": True, "lines": [
+            "Failed to register placement group with cleaner: The actor died unexpectedly before finishing this task.",
+            "\tclass_name: PlacementGroupCleaner", "\tpid: 531",
+            "The actor is dead because its worker process has died. Placement group may not be cleaned up if "
+            "controller dies ungracefully.",
+            "A worker group failed to start in 60 s"]})
+        assert [d["lines"] for d in printed] == [
+            ["[pretrain] epoch 1/2 step 5/30 loss 4.1", "Traceback (most recent call last):", "ValueError: a real error"],
+            ["A worker group failed to start in 60 s"]]
         assert printed[0]["pid"] == 11 and printed[0]["actor_name"] == "RayTrainWorker"
     finally:
         dispatcher.remove_handler("ray_print_logs")
