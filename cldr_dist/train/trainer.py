@@ -31,13 +31,24 @@ def worker_env() -> dict[str, str]:
 
 
 def root_cause(e: Exception | str) -> str:
-    """The worker's own error out of Ray Train's WorkerGroupError, whose first line only says
-    that workers failed: the last "SomethingError: message" line of its error snippet."""
+    """The worker's own error, in one line, out of Ray Train's WorkerGroupError, whose message
+    only says that workers failed, then a traceback snippet cut in the middle when long: the
+    first failed worker's exception (its worker_failures), else the last "SomethingError:
+    message" line of the message. A message ending in a colon (load_state_dict's) gets its next line."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        e = failures[min(failures)]
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    causes = [m.group(0) for line in lines if (m := ERROR_LINE.search(line))]
-    if causes:
-        return causes[-1]
-    return f"{type(e).__name__}: {(lines or [''])[0]}" if isinstance(e, Exception) else (lines or [""])[0]
+    for i in reversed(range(len(lines))):
+        if m := ERROR_LINE.search(lines[i]):
+            return _with_next(m.group(0), lines, i)
+    if not isinstance(e, Exception):
+        return (lines or [""])[0]
+    return _with_next(f"{type(e).__name__}: {(lines or [''])[0]}", lines, 0)
+
+
+def _with_next(cause: str, lines: list[str], i: int) -> str:
+    return f"{cause} {lines[i + 1]}" if cause.endswith(":") and i + 1 < len(lines) else cause
 
 
 def ensure_ray(cfg: Config) -> None:

@@ -66,3 +66,25 @@ def test_driver_drops_known_noise_and_keeps_the_rest():
         assert printed[0]["pid"] == 11 and printed[0]["actor_name"] == "RayTrainWorker"
     finally:
         dispatcher.remove_handler("ray_print_logs")
+
+
+def test_a_failed_run_is_one_line_of_the_workers_own_error():
+    """Ray Train's WorkerGroupError cuts a long worker traceback in the middle, where the
+    exception's line was (load_state_dict's size mismatches): the worker's exception itself is
+    in worker_failures."""
+    from cldr_dist.train.trainer import root_cause
+
+    class WorkerGroupError(Exception):
+        def __init__(self, message, failures):
+            super().__init__("Training failed due to worker errors:\n" + message)
+            self.worker_failures = failures
+    message = "Error(s) in loading state_dict for CLDRModel:\n\tsize mismatch for drp.fc.weight: shapes differ.\n"
+    truncated = ("[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n  File \"loop.py\"...\n"
+                 "... (Output truncated. See individual worker logs for full details) ...\n\tshapes differ.\n")
+    e = WorkerGroupError(truncated, {1: RuntimeError(message), 0: RuntimeError(message)})
+    assert root_cause(e) == ("RuntimeError: Error(s) in loading state_dict for CLDRModel: "
+                             "size mismatch for drp.fc.weight: shapes differ.")
+    snippet = ("[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n  File \"loop.py\", line 3\n"
+               "ValueError: drug_blind/train has 900 samples: too few for 2 workers\n")
+    assert root_cause(WorkerGroupError(snippet, {})) == "ValueError: drug_blind/train has 900 samples: too few for 2 workers"
+    assert root_cause(RuntimeError("disk full\nmore")) == "RuntimeError: disk full"
