@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from cldr_dist.data import storage
@@ -40,7 +41,9 @@ class RunLog:
             if new:
                 self.csv.writerow(["time", "epoch", "step", "name", "value"])
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(self.local / "tensorboard" / mode))
+            # its file is named by the second and the host: a run resumed within the same second
+            # would overwrite the earlier file (on S3, at upload); a random suffix keeps both
+            self.tb = SummaryWriter(str(self.local / "tensorboard" / mode), filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def scalars(self, epoch: int, step: int, values: dict[str, float]) -> None:
         if self.csv:
