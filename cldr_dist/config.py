@@ -97,6 +97,10 @@ class RayConfig:
     max_failures: int = 0
     placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
     address: str = ""               # empty: a local Ray instance, "auto": the running cluster
+    # With an address, every path a worker reads or writes (data.shards, ray.storage_path,
+    # train.init_from) must be s3://: a local path exists only on the node that named it.
+    # true: the cluster's nodes share a filesystem (NFS, FSx, ...) mounted at the same path.
+    shared_fs: bool = False
 
 
 @dataclass
@@ -210,6 +214,25 @@ def validate(cfg: Config) -> None:
     need(cfg.model.text_tower in ("scratch", "minilm"), f"model.text_tower: {cfg.model.text_tower!r} is not scratch or minilm")
     # all-MiniLM-L6-v2 has 6 transformer layers (models/minilm.py checks the loaded model too)
     need(0 <= cfg.model.minilm_trainable_layers <= 6, "model.minilm_trainable_layers must be between 0 and 6")
+    check_shared_storage(cfg)
+
+
+# What the workers of a run read or write: on a cluster every node must reach them.
+WORKER_PATHS = ("data.shards", "ray.storage_path", "train.init_from")
+
+
+def check_shared_storage(cfg: Config, names: dict[str, str] | None = None) -> None:
+    """On a cluster (ray.address set) the workers land on any node: a local path there is
+    another node's disk, or nothing. names: how a key is called in the caller's file (the
+    experiment's common.ray.storage_path)."""
+    if not cfg.ray.address or cfg.ray.shared_fs:
+        return
+    for key in WORKER_PATHS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not str(value).startswith("s3://"):
+            raise ConfigError(f"{(names or {}).get(key, key)}: {value!r} is a local path; it must be shared storage "
+                              f"(s3://...) when ray.address is set (ray.shared_fs=true if every node mounts it)")
 
 
 def config_from_dict(d: dict) -> Config:

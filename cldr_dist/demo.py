@@ -48,26 +48,37 @@ def main(argv=None) -> int:
     pre.ray.name = f"{pre.ray.name}-{stamp}"
     fine.ray.name = f"{fine.ray.name}-cldr-{stamp}"
     t0 = time.time()
+    cfg = base
     try:
         print(f"== 1/3 base model, MSE only ({base.ray.name})", flush=True)
         r_base = trainer.run(base)
+        cfg = pre
         print(f"== 2/3 CLDR pretraining ({pre.ray.name})", flush=True)
         r_pre = trainer.run(pre)
         fine.train.init_from = r_pre.checkpoint.path
+        cfg = fine
         print(f"== 3/3 finetune from {fine.train.init_from}", flush=True)
         r_fine = trainer.run(fine)
     except (ShardError, ConfigError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a run failed: the worker's own error, in one line
+        print(f"demo: {cfg.train.mode} run {cfg.ray.name} failed: {trainer.root_cause(e)}; "
+              f"logs under {trainer.log_dir(cfg)}", file=sys.stderr)
+        return 1
     for name, r in (("base", r_base), ("pretrain", r_pre), ("finetune", r_fine)):
         if r.error:
-            print(f"demo: {name} run failed: {r.error}", file=sys.stderr)
+            print(f"demo: {name} run failed: {trainer.root_cause(r.error)}", file=sys.stderr)
             return 1
     results = {f"{base.model.drp} (MSE only)": r_base.metrics,
                f"{base.model.drp} + CLDR": {**r_fine.metrics, "test_zeroshot_pcc": r_pre.metrics.get("test_zeroshot_pcc")}}
+    samples = r_fine.metrics.get("test_samples")
     print(f"\nTest metrics, {pre.data.split} split of {pre.data.data_dir} "
-          f"({r_fine.metrics.get('test_samples')} test samples, {time.time() - t0:.0f}s in all):")
+          f"({samples} test samples, {time.time() - t0:.0f}s in all):")
     print(table(results))
+    print(f"A smoke test of the pipeline, not evidence about the method: {samples} test samples, "
+          f"{pre.train.epochs} pretraining + {fine.train.epochs} finetuning epochs,\none seed; such numbers "
+          f"(zero-shot PCC included) swing from run to run, even in sign. The experiment: docs/results/README.md")
     print(f"\nlogs and checkpoints under {pre.ray.storage_path}/ "
           f"({base.ray.name}, {pre.ray.name}, {fine.ray.name})")
     return 0

@@ -5,6 +5,7 @@ talks to AWS, MinIO or a local test server. Errors never include credentials.
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import tempfile
@@ -52,6 +53,10 @@ def filesystem(url: str) -> fsspec.AbstractFileSystem:
     key = (os.getpid(), endpoint())
     if key not in _filesystems:
         import s3fs
+        # botocore says where it found credentials, at INFO, in every process that opens S3; in
+        # Ray Train's workers (root logger at INFO, to the console) that was a line per worker
+        for name in ("botocore.credentials", "aiobotocore.credentials"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         kwargs = {"endpoint_url": endpoint()} if endpoint() else {}
         _filesystems[key] = s3fs.S3FileSystem(
             skip_instance_cache=True, client_kwargs=kwargs,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from cldr_dist.data import storage
 from cldr_dist.eval.classical import part_table, fit_predict
 from cldr_dist.eval.metrics import all_metrics
 from cldr_dist.eval.predict import save_predictions
-from cldr_dist.experiment.spec import ExperimentSpec, stage_config
+from cldr_dist.experiment.spec import ExperimentSpec, stage_config, storage_path
 
 DETERMINISTIC_BASELINES = ("train_mean", "drug_mean", "ridge")   # one run per split, whatever the seeds
 PINNED_KEYS = ("layers", "classical", "variants")  # what a resumed experiment may not change
@@ -96,10 +95,6 @@ def pin_spec(spec: ExperimentSpec) -> None:
     write_json(path, {"spec": current, "machine": machine(), "commands": commands})
 
 
-def storage_path(spec: ExperimentSpec) -> str:
-    return spec.layers.get("common", {}).get("ray", {}).get("storage_path") or str((spec.run_dir / "ray").resolve())
-
-
 def checkpoint_url(result, cfg: Config) -> str:
     path = result.checkpoint.path
     if storage.is_s3(cfg.ray.storage_path) and not path.startswith("s3://"):
@@ -122,10 +117,9 @@ def run_stage(spec: ExperimentSpec, cfg: Config, run: str, log) -> dict:
     except Exception as e:  # noqa: BLE001 - reported as one line naming the run and its logs
         raise ExperimentError(f"{cfg.train.mode} run {cfg.ray.name} failed ({trainer.root_cause(e)}); "
                               f"logs under {trainer.log_dir(cfg)}; rerun the same command to resume") from e
-    curve = Path(trainer.log_dir(cfg)) / f"{cfg.train.mode}_metrics.csv"
-    if curve.is_file():
-        (spec.run_dir / "curves").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(curve, spec.run_dir / "curves" / f"{run}.csv")
+    curve = storage.join(trainer.log_dir(cfg), f"{cfg.train.mode}_metrics.csv")  # on the run's storage
+    if storage.exists(curve):
+        storage.write_bytes(str(spec.run_dir / "curves" / f"{run}.csv"), storage.read_bytes(curve))
     record = {"run": cfg.ray.name, "mode": cfg.train.mode, "checkpoint": checkpoint_url(result, cfg),
               "wall_s": time.time() - t0,
               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},

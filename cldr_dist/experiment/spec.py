@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from cldr_dist.config import Config, ConfigError, apply_setting, coerce, read_sections, validate
+from cldr_dist.config import (Config, ConfigError, apply_setting, check_shared_storage, coerce, read_sections,
+                              validate)
 from cldr_dist.eval.classical import BASELINES, ClassicalConfig
 
 ARMS = ("base", "cldr")
@@ -86,8 +88,15 @@ def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed:
         for key, value in values.items():
             apply_setting(cfg, section, key, value)
     cfg.model.drp, cfg.data.split, cfg.train.seed, cfg.train.mode = model, split, seed, stage
+    cfg.ray.storage_path = storage_path(spec)
+    check_shared_storage(cfg, {"ray.storage_path": "common.ray.storage_path"})
     validate(cfg)
     return cfg
+
+
+def storage_path(spec: ExperimentSpec) -> str:
+    """Where Ray Train keeps every training run of the experiment (checkpoints and logs)."""
+    return spec.layers.get("common", {}).get("ray", {}).get("storage_path") or str((spec.run_dir / "ray").resolve())
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
@@ -136,6 +145,10 @@ def check(spec: ExperimentSpec) -> None:
     for name, layers in spec.variants.items():
         need(isinstance(layers, dict) and set(layers) <= {"pretrain", "finetune"},
              f"experiment.variants.{name}: expected a mapping with pretrain and/or finetune sections")
+    # A Ray Job's driver runs in the job's temporary copy of the working dir, which Ray may delete
+    need(not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or Path(spec.out).is_absolute(),
+         f"experiment.out: {spec.out!r} is relative; inside a Ray Job it would land in the job's temporary "
+         f"working directory: give an absolute path on the head node")
     for model in spec.models:
         for variant in ["", *spec.variants]:
             for stage in ("pretrain", "finetune"):

@@ -1,26 +1,49 @@
 """Rank 0's record of a training run: metrics as CSV and TensorBoard under log_dir, and one
-progress line per event on the console."""
+progress line per event on the console.
+
+log_dir is on the run's storage (trainer.log_dir: `<storage_path>/<name>/logs`), so the logs
+outlive the node rank 0 ran on. A local log_dir is written in place. An s3:// log_dir is
+written to a temporary directory on the worker and uploaded by sync() - each file whole, in
+one PUT, so a reader sees a complete CSV - which the loop calls after each checkpoint and at
+the end of the run; a resumed run first downloads the CSV and appends to it.
+"""
 from __future__ import annotations
 
 import csv
+import tempfile
 import time
+import uuid
 from pathlib import Path
+
+from cldr_dist.data import storage
 
 
 class RunLog:
     def __init__(self, log_dir: str | None, mode: str, rank: int):
         self.mode, self.t0, self.rank = mode, time.time(), rank
         self.csv = self.tb = None
+        self.dest, self.tmp = log_dir, None
+        self.uploaded: dict[str, tuple[int, int]] = {}   # file -> (size, mtime_ns) at its last upload
         if log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(log_dir) / f"{mode}_metrics.csv"
+            name = f"{mode}_metrics.csv"
+            if storage.is_s3(log_dir):
+                self.tmp = tempfile.TemporaryDirectory(prefix=f"cldr-{mode}-logs-")
+                self.local = Path(self.tmp.name)
+                if storage.exists(storage.join(log_dir, name)):  # a resumed run appends
+                    (self.local / name).write_bytes(storage.read_bytes(storage.join(log_dir, name)))
+            else:
+                self.local = Path(log_dir)
+                self.local.mkdir(parents=True, exist_ok=True)
+            path = self.local / name
             new = not path.exists()
             self.csv_file = open(path, "a", newline="")
             self.csv = csv.writer(self.csv_file)
             if new:
                 self.csv.writerow(["time", "epoch", "step", "name", "value"])
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard" / mode))
+            # its file is named by the second and the host: a run resumed within the same second
+            # would overwrite the earlier file (on S3, at upload); a random suffix keeps both
+            self.tb = SummaryWriter(str(self.local / "tensorboard" / mode), filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def scalars(self, epoch: int, step: int, values: dict[str, float]) -> None:
         if self.csv:
@@ -33,3 +56,25 @@ class RunLog:
     def line(self, text: str) -> None:
         if self.rank == 0:
             print(f"[{self.mode}] {text}", flush=True)
+
+    def sync(self) -> None:
+        """Flushes the CSV and TensorBoard files and, for an s3:// log_dir, uploads the ones that
+        changed since the last sync. A failed upload costs a warning, not the run: the next sync
+        tries again."""
+        if not self.csv:
+            return
+        self.csv_file.flush()
+        self.tb.flush()
+        if self.tmp is None:
+            return
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local).as_posix()
+            st = path.stat()
+            if self.uploaded.get(rel) == (st.st_size, st.st_mtime_ns):
+                continue
+            try:
+                storage.put_file(path, storage.join(self.dest, rel))
+            except storage.StorageError as e:
+                self.line(f"warning: logs not uploaded this time: {e}")
+                return
+            self.uploaded[rel] = (st.st_size, st.st_mtime_ns)

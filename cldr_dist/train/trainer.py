@@ -6,13 +6,15 @@ latest complete checkpoint to ray.train.get_checkpoint() in every worker.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cldr_dist.config import Config, ConfigError
+from cldr_dist.config import Config, ConfigError, check_shared_storage
 from cldr_dist.data import storage
+from cldr_dist.train import console
 from cldr_dist.train.device import process_group_backend
 from cldr_dist.train.loop import FAULT_ENV, train_loop_per_worker
 
@@ -25,17 +27,28 @@ ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+$")
 
 
 def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **console.worker_console_env()}
 
 
 def root_cause(e: Exception | str) -> str:
-    """The worker's own error out of Ray Train's WorkerGroupError, whose first line only says
-    that workers failed: the last "SomethingError: message" line of its error snippet."""
+    """The worker's own error, in one line, out of Ray Train's WorkerGroupError, whose message
+    only says that workers failed, then a traceback snippet cut in the middle when long: the
+    first failed worker's exception (its worker_failures), else the last "SomethingError:
+    message" line of the message. A message ending in a colon (load_state_dict's) gets its next line."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        e = failures[min(failures)]
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    causes = [m.group(0) for line in lines if (m := ERROR_LINE.search(line))]
-    if causes:
-        return causes[-1]
-    return f"{type(e).__name__}: {(lines or [''])[0]}" if isinstance(e, Exception) else (lines or [""])[0]
+    for i in reversed(range(len(lines))):
+        if m := ERROR_LINE.search(lines[i]):
+            return _with_next(m.group(0), lines, i)
+    if not isinstance(e, Exception):
+        return (lines or [""])[0]
+    return _with_next(f"{type(e).__name__}: {(lines or [''])[0]}", lines, 0)
+
+
+def _with_next(cause: str, lines: list[str], i: int) -> str:
+    return f"{cause} {lines[i + 1]}" if cause.endswith(":") and i + 1 < len(lines) else cause
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -46,13 +59,16 @@ def ensure_ray(cfg: Config) -> None:
     # merge a driver env var the job also sets.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     runtime_env = None if in_job else {"env_vars": worker_env()}
+    console.before_init()
+    # logging_level: the driver's Ray INFO lines ("Started a local Ray instance") are not events of the run
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         cpus = max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1)
         # address="local": without it ray.init joins whatever cluster this machine started last
         ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, logging_level=logging.WARNING)
+    console.filter_worker_output()
 
 
 def storage_target(storage_path: str):
@@ -71,8 +87,11 @@ def storage_target(storage_path: str):
 
 
 def log_dir(cfg: Config) -> str:
-    base = cfg.ray.storage_path if not storage.is_s3(cfg.ray.storage_path) else "runs"
-    return str(Path(base, cfg.ray.name, "logs").resolve())
+    """Where rank 0's CSV and TensorBoard logs land: beside the run's checkpoints, on its
+    storage (an s3:// URL or an absolute local path), not on whatever node rank 0 ran."""
+    if storage.is_s3(cfg.ray.storage_path):
+        return storage.join(cfg.ray.storage_path, cfg.ray.name, "logs")
+    return str(Path(cfg.ray.storage_path, cfg.ray.name, "logs").resolve())
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -90,6 +109,7 @@ def absolute_paths(cfg: Config) -> Config:
 def preflight(cfg: Config) -> None:
     """Fail on the driver, in one line, before any worker starts."""
     from cldr_dist.data.reader import open_shards
+    check_shared_storage(cfg)  # again: callers (demo, cldr experiment) set paths after loading
     shards = open_shards(cfg.data.shards)
     shards.part(cfg.data.split, "train")
     if not Path(cfg.train.deepspeed_config).is_file():
@@ -116,6 +136,9 @@ def run(cfg: Config):
         run_config=ray.train.RunConfig(
             name=cfg.ray.name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Ray Train's own INFO lines (resources requested, worker group started, process
+            # group set up) stay in its log files; its warnings and errors reach the console
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     return trainer.fit()
