@@ -141,6 +141,7 @@ def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: i
             torch.save(weights, Path(d) / MODEL_FILE)
             Path(d, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         size_mb = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) / 2**20
+        log.sync()   # rank 0's logs reach the run's storage with every checkpoint, the last one too
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     seconds = time.time() - t0
     log.line(f"checkpoint at step {state.step}: {size_mb:.1f} MiB from this rank, {seconds:.1f}s")
