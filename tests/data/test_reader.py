@@ -2,6 +2,7 @@
 every rank, per-epoch shuffling, exact mid-epoch resume, local disk and S3."""
 import collections
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,49 @@ def test_interrupted_rebuild_leaves_no_manifest(tiny_shards, tmp_path, monkeypat
     assert not list(copy.rglob("*.tmp"))
     with pytest.raises(ShardError):
         open_shards(str(copy))
+
+
+def test_shard_shorter_than_its_manifest_count_fails_on_the_first_pass(tiny_shards, tmp_path):
+    """A manifest that promises more samples than a shard holds (a shard replaced by a shorter
+    one): the stream must stop with the shard's name, not quietly deliver fewer batches (one
+    rank would then replay its epoch while the others wait in a collective). The manifest
+    itself carries no checksum, only the shards, features and tokenizer do."""
+    import shutil
+    copy = tmp_path / "short"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    part = manifest["splits"]["mixed"]["train"]
+    victim = part["shards"][2]
+    assert victim["url"] == "mixed/train-000002.tar.gz" and victim["num_samples"] == 100
+    victim["num_samples"] += 10
+    part["num_samples"] += 10
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shards = open_shards(str(copy))
+    for workers in (0, 1):
+        stream = ShardStream(shards, "mixed", "train", batch_size=16, shuffle=False, drop_last=True)
+        batches = []
+        with pytest.raises(ShardError, match=r"train-000002\.tar\.gz: holds 100 samples, the manifest says 110"):
+            for b in make_loader(stream, workers):
+                batches.append(b)
+        # the first 300 samples came through (shards 0, 1 and all 100 of the short one); the
+        # error stops the epoch before any sample that would have come from the next shard
+        assert len(batches) == 300 // 16
+
+
+def test_short_shard_is_caught_by_the_rank_that_reads_it(tiny_shards, tmp_path):
+    """Training streams (shuffled, 2 ranks): the rank whose range covers the short shard fails."""
+    import shutil
+    copy = tmp_path / "short2"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for s in manifest["splits"]["mixed"]["train"]["shards"]:
+        s["num_samples"] += 4   # every shard short by 4: whichever a rank reads first fails
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shards = open_shards(str(copy))
+    for rank in range(2):
+        stream = ShardStream(shards, "mixed", "train", batch_size=16, rank=rank, world_size=2, seed=3,
+                             shuffle_buffer=50)
+        with pytest.raises(ShardError) as e:
+            list(make_loader(stream, 0))
+        m = re.search(r"/mixed/train-0000\d\d\.tar\.gz: holds (\d+) samples, the manifest says (\d+)", str(e.value))
+        assert m and int(m.group(2)) == int(m.group(1)) + 4, str(e.value)
