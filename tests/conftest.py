@@ -2,6 +2,7 @@
 tiny shards, and one Ray session per test module."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def own_state_api():
+    """Keeps a dashboard-less test Ray session's State API calls inside the session.
+
+    Ray Train's placement-group cleaner asks the State API whether the run's controller is
+    alive. Given no address, the State API connects to the Ray instance started last on this
+    machine: another session's, whose dashboard does not know our controller, so the cleaner
+    removes our workers' placement group mid-run ("A worker health check failed ... placement
+    group was removed"). An unreachable address makes those calls fail instead, which Ray Train
+    tolerates (it keeps monitoring), as when no other Ray instance runs. Set before ray.init:
+    the raylet and every worker inherit it."""
+    saved = os.environ.get(STATE_API_ENV)
+    os.environ[STATE_API_ENV] = f"http://127.0.0.1:{free_port()}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(STATE_API_ENV, None)
+        else:
+            os.environ[STATE_API_ENV] = saved
 
 
 class RestartableS3:
@@ -138,12 +164,13 @@ def ray_local(s3_server):
 
     from cldr_dist.train.trainer import worker_env
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with own_state_api():
+        ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+                 log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def train_config(shards: str, storage_path: str, name: str, *overrides: str):

@@ -11,7 +11,7 @@ import pytest
 from cldr_dist.train import trainer
 from cldr_dist.train.checkpoint import checkpoint_problem, usable_checkpoint
 
-from tests.conftest import train_config
+from tests.conftest import own_state_api, train_config
 
 STEPS = ["train.max_steps=4", "train.checkpoint_every=2"]  # checkpoints at steps 2 and 4
 
@@ -23,12 +23,13 @@ def ray_with_logs():
 
     from cldr_dist.train.trainer import worker_env
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with own_state_api():
+        ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+                 log_to_driver=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
