@@ -7,7 +7,6 @@ metrics side by side.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

@@ -156,21 +156,29 @@ def tiny_shards(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One local Ray instance per test module (ray.init costs seconds); shut down after it.
-    Started after the S3 server, so workers inherit its endpoint and credentials."""
+@contextlib.contextmanager
+def local_ray_session(log_to_driver: bool = False):
+    """A local Ray instance of 3 CPUs whose workers get the trainer's env (the S3 endpoint and
+    credentials set at this point), shut down on exit."""
     import ray
 
     from cldr_dist.train.trainer import worker_env
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with own_state_api():
         ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-                 log_to_driver=False)
+                 log_to_driver=log_to_driver)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One local Ray instance per test module (ray.init costs seconds); shut down after it.
+    Started after the S3 server, so workers inherit its endpoint and credentials."""
+    with local_ray_session():
+        yield
 
 
 def train_config(shards: str, storage_path: str, name: str, *overrides: str):

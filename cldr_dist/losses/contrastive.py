@@ -31,8 +31,9 @@ def _world() -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each rank the SUM over ranks of the gradient of its own
-    rows (all-reduce, then this rank's slice), as open_clip's gather with gradients.
+    """all_gather (torch 2.13's dist.all_gather_single) whose backward hands each rank the SUM
+    over ranks of the gradient of its own rows (all-reduce, then this rank's slice), as
+    open_clip's gather with gradients.
 
     Written out rather than taken from torch because of what it must not hold: gloo joins its
     worker threads only when the last reference to the process group goes. The deprecated
@@ -45,7 +46,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        dist.all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod

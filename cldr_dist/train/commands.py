@@ -12,12 +12,11 @@ class TrainingFailed(Exception):
 
 
 def _train(args, cfg, mode: str):
+    import ray.train
     cfg.train.mode = mode
     try:
         result = trainer.run(cfg)   # Ray Train raises a failed run's error from fit()
-    except Exception as e:  # noqa: BLE001 - one line naming the run and the worker's error
-        if type(e).__module__.startswith("cldr_dist.config"):
-            raise
+    except ray.train.TrainingFailedError as e:   # the driver's own checks raise the CLI's user errors
         raise TrainingFailed(f"{mode} run {cfg.ray.name} failed: {trainer.root_cause(e)}; "
                              f"logs under {trainer.log_dir(cfg)}") from None
     if result.error:

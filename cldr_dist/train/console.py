@@ -31,7 +31,8 @@ import os
 import re
 import sys
 
-# Third-party deprecations we cannot act on (never warnings of this package). PYTHONWARNINGS
+# Third-party deprecations we cannot act on (never warnings of this package: DeepSpeed's ZeRO
+# calls torch's deprecated all_gather_into_tensor, our gathered loss does not). PYTHONWARNINGS
 # separates filters with commas, so no message here may hold one.
 QUIET_WARNINGS = ("ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning",)
 CONSOLE_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -2,7 +2,6 @@
 walks back to the newest older complete checkpoint of the same run, with one warning line,
 and still ends at the planned optimizer step."""
 import json
-import os
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from cldr_dist.train import trainer
 from cldr_dist.train.checkpoint import checkpoint_problem, usable_checkpoint
 
-from tests.conftest import own_state_api, train_config
+from tests.conftest import local_ray_session, train_config
 
 STEPS = ["train.max_steps=4", "train.checkpoint_every=2"]  # checkpoints at steps 2 and 4
 
@@ -19,17 +18,8 @@ STEPS = ["train.max_steps=4", "train.checkpoint_every=2"]  # checkpoints at step
 @pytest.fixture(scope="module")
 def ray_with_logs():
     """Own Ray session with worker output forwarded, so the rank-0 warning line is visible."""
-    import ray
-
-    from cldr_dist.train.trainer import worker_env
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with own_state_api():
-        ray.init(address="local", num_cpus=3, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-                 log_to_driver=True)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    with local_ray_session(log_to_driver=True):
+        yield
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

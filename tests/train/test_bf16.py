@@ -55,7 +55,7 @@ def _worker(rank: int, port: int, cfg_dicts: dict, out_dir: str) -> None:
             out["num_params"] = len(module)
             engine.destroy()
             del engine, objective, optimizer, loss, parts, weights, module
-        except Exception as e:  # noqa: BLE001 - reported to the test with its traceback
+        except Exception:  # noqa: BLE001 - reported to the test with its traceback
             import traceback
             out["error"] = traceback.format_exc()
         with open(os.path.join(out_dir, f"{mode}.json"), "w") as f:

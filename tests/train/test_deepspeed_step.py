@@ -8,7 +8,6 @@ gradient clipping included) with the gathered CLIP loss and TransE in it."""
 import os
 import socket
 
-import pytest
 import torch
 
 from tests.conftest import train_config
