@@ -62,22 +62,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
-
-
 @contextlib.contextmanager
 def own_state_api():
-    """Keeps a dashboard-less test Ray session's State API calls inside the session.
-
-    Ray Train's placement-group cleaner asks the State API whether the run's controller is
-    alive. Given no address, the State API connects to the Ray instance started last on this
-    machine: another session's, whose dashboard does not know our controller, so the cleaner
-    removes our workers' placement group mid-run ("A worker health check failed ... placement
-    group was removed"). An unreachable address makes those calls fail instead, which Ray Train
-    tolerates (it keeps monitoring), as when no other Ray instance runs. Set before ray.init:
-    the raylet and every worker inherit it."""
+    """Keeps a dashboard-less test Ray session's State API calls inside the session, as
+    ensure_ray does for a local run (trainer.STATE_API_ENV says why); restored afterwards."""
+    from cldr_dist.train.trainer import STATE_API_ENV, unreachable_state_api
     saved = os.environ.get(STATE_API_ENV)
-    os.environ[STATE_API_ENV] = f"http://127.0.0.1:{free_port()}"
+    os.environ[STATE_API_ENV] = unreachable_state_api()
     try:
         yield
     finally:

@@ -26,6 +26,24 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+$")
 
 
+# Ray's State API server address. Ray Train's placement-group cleaner asks the State API whether
+# the run's controller is alive; given no address, the State API connects to the Ray instance
+# started last on this machine, which may be someone else's: its dashboard does not know our
+# controller, so the cleaner removes our workers' placement group mid-run ("A worker health
+# check failed ... placement group was removed"). A local session has no dashboard, so we point
+# the State API at an unreachable port: its calls fail, which Ray Train tolerates (it keeps
+# monitoring), as when no other Ray instance runs. Set before ray.init: the raylet and every
+# worker inherit it.
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def unreachable_state_api() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 def worker_env() -> dict[str, str]:
     return {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **console.worker_console_env()}
 
@@ -65,6 +83,7 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
         cpus = max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1)
+        os.environ[STATE_API_ENV] = unreachable_state_api()
         # address="local": without it ray.init joins whatever cluster this machine started last
         ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False,
                  log_to_driver=True, logging_level=logging.WARNING)

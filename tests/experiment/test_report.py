@@ -1,7 +1,6 @@
 """`cldr report` over hand-built run directories (no training): several run directories make
 one report, the rows of the later ones tagged with their experiment, and a CLDR variant is
 compared with the plain CLDR arm it extends."""
-import json
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The gathered local-rows loss in 2 gloo processes equals single-process CLIP on the global
 batch: same loss (mean over ranks) and same gradients after data-parallel averaging."""
-import socket
 from pathlib import Path
 
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cldr_dist.losses.contrastive import clip_loss, gathered_clip_loss
+from tests.conftest import free_port
 
 WORLD, LOCAL, IN_DIM, DIM = 2, 6, 5, 4
 
@@ -55,15 +55,9 @@ def _worker(rank, port, out_path):
         torch.save(result, out_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gathered_loss_equals_global(tmp_path):
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     got = torch.load(out, weights_only=True)
     assert got.pop("gloo_threads_after_destroy").item() == 0
     params, x, z = _setup()

@@ -4,12 +4,11 @@ modes take steps with a finite loss, the engine's module holds bf16 parameters, 
 full_state_dict hands out the optimizer's fp32 master weights, not the module's rounded copy."""
 import json
 import os
-import socket
 
 import pytest
 import torch
 
-from tests.conftest import train_config
+from tests.conftest import free_port, train_config
 
 STEPS = 2
 
@@ -64,12 +63,6 @@ def _worker(rank: int, port: int, cfg_dicts: dict, out_dir: str) -> None:
     os._exit(0)  # gloo threads outlive destroy_process_group: see test_deepspeed_step._worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("drp", ["graphdrp", "tcnn", "deepcdr"])
 def test_bf16_steps_keep_fp32_master_weights(tiny_shards, tmp_path, drp):
     import torch.multiprocessing as mp
@@ -77,7 +70,7 @@ def test_bf16_steps_keep_fp32_master_weights(tiny_shards, tmp_path, drp):
                                "train.precision=bf16", "train.lr=0.001", "model.text_layers=1",
                                "loss.kg_triples=32").to_dict()
             for mode in ("finetune", "pretrain")}
-    mp.spawn(_worker, args=(_free_port(), cfgs, str(tmp_path)), nprocs=1, join=True)
+    mp.spawn(_worker, args=(free_port(), cfgs, str(tmp_path)), nprocs=1, join=True)
     for mode in cfgs:
         out = json.loads((tmp_path / f"{mode}.json").read_text())
         assert "error" not in out, f"{drp} {mode} under bf16:\n{out['error']}"

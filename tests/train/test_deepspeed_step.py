@@ -6,11 +6,10 @@ This is the loop's step (loop.py: engine(batch) / backward / step, AdamW as the 
 optimizer, the DeepSpeed config loop.deepspeed_config builds from configs/deepspeed/zero2.json,
 gradient clipping included) with the gathered CLIP loss and TransE in it."""
 import os
-import socket
 
 import torch
 
-from tests.conftest import train_config
+from tests.conftest import free_port, train_config
 
 WORLD, LOCAL = 2, 8            # 2 ranks x 8 samples = the single process's batch of 16
 SETTINGS = ["model.dropout=0",  # deterministic: no dropout masks to differ between the two runs
@@ -110,18 +109,12 @@ def _worker(rank: int, port: int, cfg_dict: dict, out_dir: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_zero2_step_equals_single_process_step(tiny_shards, tmp_path):
     import torch.multiprocessing as mp
 
     from cldr_dist.data.reader import open_shards
     cfg = _config(tiny_shards, str(tmp_path))
-    mp.spawn(_worker, args=(_free_port(), cfg.to_dict(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), cfg.to_dict(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     # the reference: plain PyTorch on one process, the whole batch, no process group
