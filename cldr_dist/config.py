@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from cldr_dist.train.schedule import LR_SCALING, SCHEDULES
+
 
 class ConfigError(Exception):
     """A user-facing problem with a config file or override; the message names the key."""
@@ -73,7 +75,13 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int = 0              # 0: no cap beyond epochs
     batch_size: int = 64            # per worker; the contrastive negatives are the global batch
-    lr: float = 5e-5
+    lr: float = 5e-5                # peak rate after warmup; train/schedule.py
+    lr_scaling: str = "none"        # none: lr is the global batch's | linear | sqrt: lr is for lr_base_batch pairs
+    lr_base_batch: int = 256
+    lr_schedule: str = "cosine"     # constant | cosine | linear decay after the warmup, to min_lr_ratio * lr
+    warmup_epochs: float = 0.0      # linear warmup over this many epochs of optimizer steps
+    min_lr_ratio: float = 0.0
+    patience: int = 0               # stop after this many epochs without a better validation score; 0 = never
     weight_decay: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -208,6 +216,12 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
     need(cfg.train.lr > 0, "train.lr must be positive")
+    need(cfg.train.lr_schedule in SCHEDULES, f"train.lr_schedule: {cfg.train.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    need(cfg.train.lr_scaling in LR_SCALING, f"train.lr_scaling: {cfg.train.lr_scaling!r} is not one of {', '.join(LR_SCALING)}")
+    need(cfg.train.lr_base_batch >= 1, "train.lr_base_batch must be at least 1")
+    need(cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more")
+    need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
+    need(cfg.train.patience >= 0, "train.patience must be 0 (no early stopping) or more")
     need(cfg.train.precision in ("auto", "bf16", "fp32"), f"train.precision: {cfg.train.precision!r} is not auto, bf16 or fp32")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")

@@ -5,7 +5,9 @@ A checkpoint (every train.checkpoint_every optimizer steps and at each epoch end
                           (and, at ZeRO-3, its parameter shard)
     rng-rank{r}.pt        each rank's CPU (and CUDA) generator states and TransE's generator
     trainer_state.json    epoch, batches consumed in it, optimizer step, world size, the config
-    model.pt              the consolidated fp32 model weights (finetune init and evaluation)
+    model.pt              the consolidated fp32 model weights of this step
+    best_model.pt         the weights of the best validation epoch so far (absent before the
+                          first epoch ends); finetune init and `cldr evaluate` read these first
 Every rank reports its directory; Ray merges them into one checkpoint directory.
 
 Resuming is exact or refused: the batches already consumed are skipped by arithmetic on the
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import posixpath
 import tempfile
 import time
@@ -31,6 +32,7 @@ from cldr_dist.data import storage
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.pt"
+BEST_MODEL_FILE = "best_model.pt"
 DS_TAG = "deepspeed"
 
 # Settings the skip arithmetic of a resumed epoch depends on (see data/reader.py).
@@ -49,7 +51,9 @@ class TrainState:
     step: int = 0               # optimizer steps
     world_size: int = 1
     config_digest: str = ""
-    best_val_mse: float = math.inf
+    best_score: float | None = None   # the best validation score so far (schedule.SELECT_METRIC)
+    best_epoch: int = 0               # the epoch (1-based) whose end gave it; 0: none yet
+    stale_epochs: int = 0             # epochs since then, for early stopping
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)   # the run's settings, to name what a rerun changed
 
@@ -75,8 +79,12 @@ def model_weights(objective_state: dict) -> dict:
 
 
 def load_model_weights(model: torch.nn.Module, checkpoint_url: str) -> None:
-    """Model weights from a checkpoint directory (local or s3://) written by the loop."""
-    url = storage.join(checkpoint_url.rstrip("/"), MODEL_FILE)
+    """Model weights from a checkpoint directory (local or s3://) written by the loop: the best
+    validation epoch's where the checkpoint has them, else its step's."""
+    base = checkpoint_url.rstrip("/")
+    url = storage.join(base, BEST_MODEL_FILE)
+    if not storage.exists(url):
+        url = storage.join(base, MODEL_FILE)
     state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(model_weights(state), strict=False)
     if missing or unexpected:
@@ -129,9 +137,11 @@ def set_rng_state(objective, rng: dict) -> None:
 # ----------------------------------------------------------------------------- writing
 
 def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: int, metrics: dict,
-                    log) -> dict:
+                    log, best_weights: dict | None = None) -> dict:
     """Writes and reports one checkpoint (weights: full_state_dict(engine), which the caller may
-    already hold for evaluation); returns the seconds it took and the MiB this rank wrote."""
+    already hold for evaluation; best_weights: the best validation epoch's, carried in every
+    checkpoint because Ray keeps only the newest few); returns the seconds it took and the MiB
+    this rank wrote."""
     import ray.train
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
@@ -139,6 +149,8 @@ def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: i
         torch.save(rng_state(objective), Path(d) / f"rng-rank{rank}.pt")
         if rank == 0:
             torch.save(weights, Path(d) / MODEL_FILE)
+            if best_weights is not None:
+                torch.save(best_weights, Path(d) / BEST_MODEL_FILE)
             Path(d, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         size_mb = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) / 2**20
         log.sync()   # rank 0's logs reach the run's storage with every checkpoint, the last one too
@@ -161,10 +173,11 @@ def checkpoint_problem(fs, path: str, zero_stage: int) -> str | None:
         if STATE_FILE not in names:
             return f"no {STATE_FILE}"
         with fs.open_input_stream(posixpath.join(path, STATE_FILE)) as f:
-            world = int(json.loads(f.read())["world_size"])
+            saved = json.loads(f.read())
+        world, has_best = int(saved["world_size"]), bool(saved.get("best_epoch"))
     except (OSError, ValueError, KeyError) as e:
         return f"unreadable: {type(e).__name__}"
-    for name in (MODEL_FILE, *(f"rng-rank{r}.pt" for r in range(world))):
+    for name in (MODEL_FILE, *([BEST_MODEL_FILE] if has_best else []), *(f"rng-rank{r}.pt" for r in range(world))):
         if name not in names:
             return f"no {name}"
     ds = [n for n in names if n.startswith(DS_TAG + "/")]
@@ -241,7 +254,9 @@ def check_resumable(state: TrainState, where: str, world: int, config: dict) -> 
     return other
 
 
-def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, config: dict, log) -> TrainState:
+def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, config: dict,
+                       log) -> tuple[TrainState, dict | None]:
+    """(the run's state, the best validation epoch's weights or None)."""
     # Each rank downloads into its own directory: checkpoint.as_directory() shares one temp dir
     # per node, and two ranks restoring from S3 at once race on it (seen with Ray 2.60).
     with tempfile.TemporaryDirectory(prefix=f"cldr-restore-rank{rank}-") as d:
@@ -258,9 +273,14 @@ def restore_checkpoint(engine, objective, checkpoint, rank: int, world: int, con
         if load_path is None:
             raise ResumeError(f"checkpoint {checkpoint.path}: DeepSpeed could not load {DS_TAG}/")
         set_rng_state(objective, torch.load(rng_file, weights_only=True))
+        best_file = d / BEST_MODEL_FILE
+        best_weights = torch.load(best_file, weights_only=True) if best_file.is_file() else None
+    if state.best_epoch and best_weights is None:
+        raise ResumeError(f"checkpoint {checkpoint.path} is incomplete: no {BEST_MODEL_FILE} "
+                          f"(the best validation epoch {state.best_epoch}'s weights)")
     state.config = config
     if rank == 0:
         if other:
             log.line(f"resuming with changed settings: {', '.join(other)}")
         log.line(f"resumed from {checkpoint.path}: epoch {state.epoch}, batch {state.batch}, step {state.step}")
-    return state
+    return state, best_weights

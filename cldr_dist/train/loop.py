@@ -26,6 +26,7 @@ from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_stat
                                         model_weights, restore_checkpoint, save_checkpoint)
 from cldr_dist.train.device import select_accelerator
 from cldr_dist.train.runlog import RunLog
+from cldr_dist.train.schedule import SELECT_METRIC, is_better, lr_at, scaled_lr
 
 FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the last rank dies once at STEP
 
@@ -187,12 +188,13 @@ def train_loop_per_worker(config: dict) -> None:
     feature_dtype = torch.bfloat16 if uses_bf16(cfg.train, cfg.ray.use_gpu) else torch.float32
     state = TrainState(world_size=world, config_digest=cfg.digest(), config=cfg.to_dict())
     timings: dict[str, float] = {}  # last checkpoint save / restore, carried into the metrics
+    best_weights: dict | None = None  # the best validation epoch's fp32 weights (every rank holds them)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         checkpoint = choose_checkpoint(checkpoint, rank, world, engine.zero_optimization_stage(), log)
     if checkpoint:
         t0 = time.time()
-        state = restore_checkpoint(engine, objective, checkpoint, rank, world, cfg.to_dict(), log)
+        state, best_weights = restore_checkpoint(engine, objective, checkpoint, rank, world, cfg.to_dict(), log)
         timings["restore_s"] = time.time() - t0
 
     stream = ShardStream(shards, cfg.data.split, "train", batch_size=cfg.train.batch_size, rank=rank,
@@ -211,28 +213,46 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     global_batch = cfg.train.batch_size * world
-    if rank == 0 and not checkpoint:
-        log.line(f"{world} workers, ZeRO-{engine.zero_optimization_stage()}, global batch {global_batch} "
-                 f"x accum {accum}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device}")
-    zero_shot = cfg.train.mode == "pretrain"
+    samples_per_step = global_batch * accum
+    peak_lr = scaled_lr(cfg.train.lr, samples_per_step, cfg.train.lr_scaling, cfg.train.lr_base_batch)
+    warmup_steps = round(cfg.train.warmup_epochs * steps_per_epoch)
 
-    def end_of_epoch_metrics(weights: dict) -> dict:
-        model = plain_copy(cfg, shards, weights, device)
-        out = evaluate(cfg, shards, model, "val", rank, world, zero_shot, device)
-        if cfg.train.mode == "finetune" and out["val_mse"] < state.best_val_mse:
-            state.best_val_mse = out["val_mse"]
-            test = evaluate(cfg, shards, model, "test", rank, world, False, device)
-            out.update({f"best_{k}": v for k, v in test.items()})
-            out["best_epoch"] = state.epoch
-        return out
+    def lr_of(step: int) -> float:
+        return lr_at(step, total_steps, warmup_steps, peak_lr, cfg.train.lr_schedule, cfg.train.min_lr_ratio)
+
+    if rank == 0 and not checkpoint:
+        scaling = "" if cfg.train.lr_scaling == "none" else \
+            f" ({cfg.train.lr_scaling} scaling of {cfg.train.lr:g} from {cfg.train.lr_base_batch} to {samples_per_step} samples/step)"
+        log.line(f"{world} workers, ZeRO-{engine.zero_optimization_stage()}, global batch {global_batch} "
+                 f"x accum {accum}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device}; "
+                 f"lr {peak_lr:.3g}{scaling}, {warmup_steps} warmup steps then {cfg.train.lr_schedule}")
+    zero_shot = cfg.train.mode == "pretrain"
+    select_key, lower_is_better = SELECT_METRIC[cfg.train.mode]
+
+    def select(weights: dict, metrics: dict) -> None:
+        """Keeps the weights of the best validation epoch and counts the epochs since."""
+        nonlocal best_weights
+        score = metrics.get(select_key)
+        if score is None or math.isnan(score) or is_better(score, state.best_score, lower_is_better):
+            # no score (zero-shot off, or a constant prediction): the newest weights stand
+            state.best_score = None if score is None or math.isnan(score) else score
+            state.best_epoch, state.stale_epochs, best_weights = state.epoch, 0, weights
+        else:
+            state.stale_epochs += 1
+        metrics.update(best_epoch=state.best_epoch, stale_epochs=state.stale_epochs)
+
+    def stopped_early() -> bool:
+        return bool(cfg.train.patience) and state.stale_epochs >= cfg.train.patience
 
     window_t, window_samples = time.time(), 0
     step_sums: dict[str, torch.Tensor] = {}   # losses summed over this step's micro-batches
-    while state.step < total_steps:
+    while state.step < total_steps and not stopped_early():
         stream.epoch, stream.start_batch = state.epoch, state.batch
         for batch in make_loader(stream, cfg.data.loader_workers):
             loss, parts = engine(batch.to(device, feature_dtype))
             engine.backward(loss)
+            for group in optimizer.param_groups:   # DeepSpeed's optimizers step these same groups
+                group["lr"] = lr_of(state.step)
             engine.step()
             for k, v in {"loss": loss, **parts}.items():
                 step_sums[k] = step_sums.get(k, 0) + v.detach().float()
@@ -258,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                 timings.update(save_checkpoint(engine, objective, full_state_dict(engine), state, rank,
-                                               state.metrics, log))
+                                               state.metrics, log, best_weights))
                 window_t, window_samples = time.time(), 0  # samples/s measures training only
         if state.batch < epoch_batches and state.step < total_steps:
             # the reader checks shard lengths; this guards the loop itself against replaying
@@ -268,19 +288,30 @@ def train_loop_per_worker(config: dict) -> None:
         if state.batch >= epoch_batches:  # the epoch ran to its end
             state.epoch, state.batch = state.epoch + 1, 0
             weights = full_state_dict(engine)
-            epoch_metrics = end_of_epoch_metrics(weights)
+            epoch_metrics = evaluate(cfg, shards, plain_copy(cfg, shards, weights, device), "val", rank, world,
+                                     zero_shot, device)
+            select(weights, epoch_metrics)
             state.metrics.update(epoch_metrics)
             log.scalars(state.epoch, state.step, epoch_metrics)
             log.line(f"end of epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()
-                                                               if k.startswith(("val_pcc", "val_mse", "val_zero", "best_test_pcc"))))
-            if state.step < total_steps:
-                timings.update(save_checkpoint(engine, objective, weights, state, rank, state.metrics, log))
+                                                               if k.startswith(("val_pcc", "val_mse", "val_zero", "best_epoch"))))
+            if stopped_early():
+                log.line(f"early stop: no better {select_key} for {state.stale_epochs} epochs; "
+                         f"keeping epoch {state.best_epoch}")
+            elif state.step < total_steps:
+                timings.update(save_checkpoint(engine, objective, weights, state, rank, state.metrics, log,
+                                               best_weights))
             window_t, window_samples = time.time(), 0
 
+    # Test metrics come from the best validation epoch's weights, as the papers report; a run
+    # cut by max_steps mid-epoch before any epoch ended has only its last weights.
     weights = full_state_dict(engine)
-    final = evaluate(cfg, shards, plain_copy(cfg, shards, weights, device), "test", rank, world, zero_shot, device)
+    selected = best_weights if best_weights is not None else weights
+    final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot, device)
+    final.update(selected_epoch=state.best_epoch if best_weights is not None else state.epoch,
+                 stopped_early=stopped_early(), epochs_run=state.epoch)
     state.metrics.update(final)
     state.metrics["done"] = True
     log.scalars(state.epoch, state.step, final)
     log.line("test: " + " ".join(f"{k} {v:.4g}" for k, v in final.items()))
-    save_checkpoint(engine, objective, weights, state, rank, state.metrics, log)
+    save_checkpoint(engine, objective, weights, state, rank, state.metrics, log, best_weights)

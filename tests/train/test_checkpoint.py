@@ -1,7 +1,6 @@
 """Checkpoint rules without a training run: which directories count as complete, and which
 setting changes make a checkpoint impossible to resume exactly."""
 import json
-import math
 
 import pytest
 
@@ -96,5 +95,5 @@ def test_resume_refuses_another_world_size():
 
 def test_state_without_a_config_resumes_with_nothing_to_report():
     """Checkpoints written before the config was recorded: nothing to compare, nothing refused."""
-    state = TrainState(world_size=2, best_val_mse=math.inf)
+    state = TrainState(world_size=2)
     assert check_resumable(state, "ckpt", world=2, config=config_dict("train.batch_size=8")) == []

@@ -1,0 +1,56 @@
+"""The learning-rate schedule and the best-epoch rule: pure functions."""
+import pytest
+
+from cldr_dist.config import ConfigError, load_config
+from cldr_dist.train.schedule import is_better, lr_at, scaled_lr
+
+
+def test_warmup_rises_linearly_to_the_peak():
+    rates = [lr_at(s, 100, 10, 1.0, "cosine") for s in range(10)]
+    assert rates == pytest.approx([(s + 1) / 10 for s in range(10)])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_runs_from_the_peak_to_the_floor_at_the_last_step(schedule):
+    rates = [lr_at(s, 100, 10, 2.0, schedule, min_lr_ratio=0.1) for s in range(100)]
+    assert rates[10] == pytest.approx(2.0)
+    assert rates[-1] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))   # never rises after warmup
+
+
+def test_cosine_is_at_half_way_down_half_way_through_the_decay():
+    assert lr_at(50, 101, 0, 1.0, "cosine") == pytest.approx(0.5)
+    assert lr_at(50, 101, 0, 1.0, "linear") == pytest.approx(0.5)
+
+
+def test_constant_stays_at_the_peak_after_warmup():
+    assert [lr_at(s, 10, 2, 3.0, "constant") for s in range(10)] == pytest.approx([1.5, 3.0] + [3.0] * 8)
+
+
+def test_steps_past_the_plan_stay_at_the_floor():
+    """A resumed run given a longer max_steps than its schedule was planned for."""
+    assert lr_at(500, 100, 0, 1.0, "cosine", min_lr_ratio=0.05) == pytest.approx(0.05)
+
+
+def test_one_step_runs_do_not_divide_by_zero():
+    assert lr_at(0, 1, 0, 1.0, "cosine") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rule, expected", [("none", 1e-3), ("linear", 16e-3), ("sqrt", 4e-3)])
+def test_lr_scaling_rules(rule, expected):
+    assert scaled_lr(1e-3, 4096, rule, 256) == pytest.approx(expected)
+
+
+def test_is_better_respects_the_metric_direction():
+    assert is_better(0.5, None, lower_is_better=True)
+    assert is_better(0.4, 0.5, lower_is_better=True) and not is_better(0.5, 0.5, lower_is_better=True)
+    assert is_better(0.6, 0.5, lower_is_better=False) and not is_better(0.4, 0.5, lower_is_better=False)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.lr_schedule=step", "train.lr_schedule"), ("train.lr_scaling=quadratic", "train.lr_scaling"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs"), ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+    ("train.patience=-1", "train.patience"), ("train.lr_base_batch=0", "train.lr_base_batch")])
+def test_bad_schedule_settings_name_their_key(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])

@@ -1,0 +1,52 @@
+"""Best-validation selection and early stopping through the real trainer: the test metrics a
+finetune run reports are those of its best validation epoch's weights, which its checkpoint
+carries, and a run stops once `patience` epochs pass without a better validation MSE."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from cldr_dist.data.reader import open_shards
+from cldr_dist.train import trainer
+from cldr_dist.train.checkpoint import BEST_MODEL_FILE, MODEL_FILE
+from cldr_dist.train.loop import evaluate, plain_copy
+
+from tests.conftest import train_config
+
+EPOCHS, PATIENCE = 3, 1
+
+
+def epoch_values(csv_path: Path, name: str) -> dict[int, float]:
+    with open(csv_path) as f:
+        return {int(r["epoch"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == name}
+
+
+def test_test_metrics_come_from_the_best_validation_epoch(ray_local, tiny_shards, tmp_path):
+    runs = tmp_path / "runs"
+    # a high constant rate makes validation MSE wander, so early stopping has something to do
+    cfg = train_config(tiny_shards, str(runs), "select", "train.mode=finetune", f"train.epochs={EPOCHS}",
+                       f"train.patience={PATIENCE}", "train.lr=0.003", "train.lr_schedule=constant",
+                       "train.batch_size=64")
+    result = trainer.run(cfg)
+    assert result.error is None
+    m = result.metrics
+    val_mse = epoch_values(runs / "select" / "logs" / "finetune_metrics.csv", "val_mse")
+    assert sorted(val_mse) == list(range(1, m["epochs_run"] + 1))
+    best = min(val_mse, key=val_mse.get)
+    assert m["selected_epoch"] == best
+    if m["stopped_early"]:
+        assert m["epochs_run"] == best + PATIENCE
+    else:
+        assert m["epochs_run"] == EPOCHS and EPOCHS - best <= PATIENCE
+
+    ckpt = Path(result.checkpoint.path)
+    best_weights = torch.load(ckpt / BEST_MODEL_FILE, weights_only=True)
+    last_weights = torch.load(ckpt / MODEL_FILE, weights_only=True)
+    assert (m["selected_epoch"] == m["epochs_run"]) == all(torch.equal(best_weights[k], last_weights[k])
+                                                           for k in best_weights)
+    # the reported test metrics are the selected weights', recomputed here in one process
+    shards = open_shards(tiny_shards)
+    again = evaluate(cfg, shards, plain_copy(cfg, shards, best_weights), "test", 0, 1, zero_shot=False)
+    assert again["test_pcc"] == pytest.approx(m["test_pcc"], abs=1e-5)
+    assert again["test_mse"] == pytest.approx(m["test_mse"], abs=1e-6)
