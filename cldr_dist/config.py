@@ -33,6 +33,8 @@ class DataConfig:
     split: str = "drug_blind"                     # the split a training run reads
     loader_workers: int = 1                       # DataLoader worker processes per rank
     shuffle_buffer: int = 2000
+    memory_budget_mb: int = 1024                  # decode a training part once and keep it in RAM when its
+                                                  # bound (data/reader.py decoded_part_bound) fits; 0 = always stream
 
 
 @dataclass
@@ -225,6 +227,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.precision in ("auto", "bf16", "fp32"), f"train.precision: {cfg.train.precision!r} is not auto, bf16 or fp32")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")
+    need(cfg.data.memory_budget_mb >= 0, "data.memory_budget_mb must be 0 (always stream) or more")
     need(cfg.model.text_tower in ("scratch", "minilm"), f"model.text_tower: {cfg.model.text_tower!r} is not scratch or minilm")
     # all-MiniLM-L6-v2 has 6 transformer layers (models/minilm.py checks the loaded model too)
     need(0 <= cfg.model.minilm_trainable_layers <= 6, "model.minilm_trainable_layers must be between 0 and 6")

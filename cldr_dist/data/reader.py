@@ -15,6 +15,10 @@ How an epoch is cut (pure arithmetic on the manifest's sample counts, see `epoch
      returns worker batches round-robin, so `worker_skip` can tell, for a rank resumed after
      start_batch batches, how many batches of each block were consumed and which block's
      batch comes next (the resumed loader's worker 0 plays that block).
+
+A part that fits in memory (`fits_in_memory`) is decoded once into a `DecodedPart` and each
+epoch reads its pieces from RAM instead of downloading and un-gzipping shards again; the plan
+above is untouched, so the batches are the same, sample for sample, as when streaming.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -225,6 +229,65 @@ def npy_array(buf) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, offset=start + hlen, count=int(np.prod(shape))).reshape(shape)
 
 
+# A decoded part's cost per sample: drug, cell and number-text rows (int32), y and ln IC50
+# (float64), 28 bytes, plus 4 bytes per caption token; the bound takes every caption at the
+# model's full context, so the manifest's sample count alone decides (captions average far less).
+DECODED_FIXED_BYTES = 28
+DECODED_TOKEN_BYTES = 4
+
+
+def decoded_part_bound(num_samples: int, caption_context: int) -> int:
+    """Bytes a DecodedPart of num_samples can take at most."""
+    return num_samples * (DECODED_FIXED_BYTES + DECODED_TOKEN_BYTES * caption_context)
+
+
+def fits_in_memory(num_samples: int, caption_context: int, budget_mb: int) -> bool:
+    return budget_mb > 0 and decoded_part_bound(num_samples, caption_context) <= budget_mb * 2**20
+
+
+@dataclass
+class DecodedPart:
+    """Every sample of one split/part, columnar in numpy arrays: no per-sample Python objects,
+    so forked loader workers share these pages instead of copying them as refcounts change."""
+    drug: np.ndarray            # (N,) int32 table rows
+    cell: np.ndarray            # (N,) int32
+    number: np.ndarray          # (N,) int32 number-text index
+    y: np.ndarray               # (N,) float64
+    ln_ic50: np.ndarray         # (N,) float64
+    tokens: np.ndarray          # (total tokens,) int32: the captions, concatenated
+    token_offsets: np.ndarray   # (N + 1,) int64
+    shard_offsets: np.ndarray   # (shards + 1,) int64: each shard's first sample
+
+    @classmethod
+    def from_samples(cls, per_shard: list[list[dict]]) -> "DecodedPart":
+        flat = [s for shard in per_shard for s in shard]
+
+        def column(key: str, dtype) -> np.ndarray:
+            return np.array([s["meta"][key] for s in flat], dtype=dtype)
+
+        lengths = [len(s["caption"]) for s in flat]
+        return cls(column("drug", np.int32), column("cell", np.int32), column("number", np.int32),
+                   column("y", np.float64), column("ln_ic50", np.float64),
+                   np.concatenate([s["caption"] for s in flat] or [np.zeros(0)]).astype(np.int32),
+                   np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                   np.concatenate([[0], np.cumsum([len(x) for x in per_shard])]).astype(np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+    def samples(self, shard: int, first: int, end: int, features: FeatureTables, split: str, part: str):
+        """Samples first..end-1 of one shard, as iter_shard_samples decodes them from the tar."""
+        base = int(self.shard_offsets[shard])
+        for i in range(base + first, base + end):
+            d, c = int(self.drug[i]), int(self.cell[i])
+            meta = {"cell_id": str(features.cell_ids[c]), "drug_id": str(features.drug_ids[d]), "cell": c,
+                    "drug": d, "y": float(self.y[i]), "ln_ic50": float(self.ln_ic50[i]),
+                    "number": int(self.number[i]), "split": split, "part": part}
+            caption = self.tokens[self.token_offsets[i]:self.token_offsets[i + 1]].astype(np.int64)
+            yield {"meta": meta, "caption": caption}
+
+
 def _decode(parts: dict) -> dict:
     return {"meta": json.loads(bytes(parts["json"])), "caption": npy_array(parts["caption.npy"]).astype(np.int64)}
 
@@ -263,6 +326,14 @@ class ShardStream(IterableDataset):
         # model.text_tower=minilm: batches also carry the captions' MiniLM WordPiece ids
         self.wordpieces = CaptionWordPieces(shards.features) if wordpiece else None
         self.epoch, self.start_batch = 0, 0
+        self.decoded: DecodedPart | None = None   # set by load_in_memory
+
+    def load_in_memory(self) -> DecodedPart:
+        """Decodes every shard of the part once (checksums and lengths checked as when
+        streaming); later epochs read from RAM. Call before the loader forks its workers."""
+        per_shard = [list(self._shard_samples(i, self._fetch(i), 0, n)) for i, n in enumerate(self.sizes)]
+        self.decoded = DecodedPart.from_samples(per_shard)
+        return self.decoded
 
     def __len__(self) -> int:
         return batches_per_epoch(sum(self.sizes), self.world_size, self.rank, self.batch_size, self.drop_last)
@@ -274,6 +345,10 @@ class ShardStream(IterableDataset):
             raise ShardError(f"manifest lists a shard that cannot be read: {e}") from None
 
     def _samples(self, pieces):
+        if self.decoded is not None:
+            for shard, first, end in pieces:
+                yield from self.decoded.samples(shard, first, end, self.shards.features, self.split, self.part)
+            return
         # the next shard downloads in a thread while this one is decoded: object-store latency
         # hides behind CPU work instead of adding to it
         with ThreadPoolExecutor(max_workers=1) as pool:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from cldr_dist.config import Config, TrainConfig, config_from_dict
 from cldr_dist.data import storage
-from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, make_loader, open_shards
+from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, fits_in_memory, make_loader, open_shards
 from cldr_dist.eval.metrics import all_metrics
 from cldr_dist.models.cldr import CLDRModel, build_model
 from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_state_dict, load_model_weights,
@@ -203,6 +203,12 @@ def train_loop_per_worker(config: dict) -> None:
                          caption_pad_to=cfg.model.caption_pad_to or None,
                          number_pad_to=cfg.model.number_pad_to or None,
                          wordpiece=uses_captions(cfg))
+    if fits_in_memory(sum(stream.sizes), cfg.model.caption_context, cfg.data.memory_budget_mb):
+        t0 = time.time()
+        decoded = stream.load_in_memory()
+        if rank == 0:
+            log.line(f"{cfg.data.split}/train in memory: {len(decoded.y)} samples, "
+                     f"{decoded.nbytes / 2**20:.1f} MiB, decoded in {time.time() - t0:.1f}s")
     accum = cfg.train.grad_accum
     steps_per_epoch = len(stream) // accum
     if steps_per_epoch == 0:

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from cldr_dist.config import load_config
-from cldr_dist.data.reader import (ShardError, ShardStream, epoch_plan, make_loader, open_shards,
-                                   worker_blocks, worker_skip)
+from cldr_dist.data.reader import (ShardError, ShardStream, decoded_part_bound, epoch_plan, fits_in_memory,
+                                   make_loader, open_shards, worker_blocks, worker_skip)
 from cldr_dist.data.shards import build_shards
 
 from tests.conftest import HELD_OUT, TINY
@@ -211,3 +212,55 @@ def test_short_shard_is_caught_by_the_rank_that_reads_it(tiny_shards, tmp_path):
             list(make_loader(stream, 0))
         m = re.search(r"/mixed/train-0000\d\d\.tar\.gz: holds (\d+) samples, the manifest says (\d+)", str(e.value))
         assert m and int(m.group(2)) == int(m.group(1)) + 4, str(e.value)
+
+
+def batches_of(stream, workers: int) -> list:
+    return list(make_loader(stream, workers))
+
+
+def same_batch(a, b) -> bool:
+    return (a.cell_ids == b.cell_ids and a.drug_ids == b.drug_ids and torch.equal(a.y, b.y)
+            and torch.equal(a.ln_ic50, b.ln_ic50) and torch.equal(a.caption, b.caption)
+            and torch.equal(a.caption_len, b.caption_len) and torch.equal(a.number_index, b.number_index)
+            and torch.equal(a.cell, b.cell) and torch.equal(a.drug_index, b.drug_index)
+            and torch.equal(a.drug.x, b.drug.x))
+
+
+@pytest.mark.parametrize("workers,epoch,start", [(0, 0, 0), (1, 1, 0), (2, 2, 0), (2, 3, 7), (3, 1, 5)])
+def test_in_memory_part_yields_the_streamed_batches(tiny_shards, workers, epoch, start):
+    """Decoded once, a part gives every epoch the same batches, sample for sample, as reading the
+    shards: the per-epoch shuffle, equal steps per rank and mid-epoch resume come with it."""
+    shards = open_shards(tiny_shards)
+    for rank in range(2):
+        streamed, cached = (ShardStream(shards, "mixed", "train", batch_size=16, rank=rank, world_size=2,
+                                        seed=3, shuffle_buffer=50) for _ in range(2))
+        decoded = cached.load_in_memory()
+        assert len(decoded.y) == shards.part("mixed", "train")["num_samples"]
+        for s in (streamed, cached):
+            s.epoch, s.start_batch = epoch, start
+        a, b = batches_of(streamed, workers), batches_of(cached, workers)
+        assert len(a) == len(b) == len(streamed) - start
+        assert all(same_batch(x, y) for x, y in zip(a, b))
+
+
+def test_in_memory_rule_and_cost(tiny_shards):
+    """The rule is a bound from the manifest's sample count; the real part stays under it."""
+    shards = open_shards(tiny_shards)
+    n = shards.part("mixed", "train")["num_samples"]
+    decoded = ShardStream(shards, "mixed", "train", batch_size=16).load_in_memory()
+    assert decoded.nbytes <= decoded_part_bound(n, 300)
+    assert fits_in_memory(n, 300, budget_mb=1) == (decoded_part_bound(n, 300) <= 2**20)
+    assert not fits_in_memory(n, 300, budget_mb=0)
+    # full GDSC's largest training part (mixed, 80% of ~200k pairs) fits the default budget
+    assert fits_in_memory(160_000, 300, budget_mb=1024)
+
+
+def test_in_memory_load_still_checks_shards(tiny_shards, tmp_path):
+    import shutil
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_shards, copy)
+    shards = open_shards(str(copy))
+    victim = Path(shards.shard_urls("mixed", "train")[0])
+    victim.write_bytes(victim.read_bytes()[:-20])
+    with pytest.raises(ShardError, match=victim.name):
+        ShardStream(shards, "mixed", "train", batch_size=16).load_in_memory()
