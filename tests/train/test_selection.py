@@ -14,7 +14,7 @@ from cldr_dist.train.loop import evaluate, plain_copy
 
 from tests.conftest import train_config
 
-EPOCHS, PATIENCE = 3, 1
+EPOCHS, PATIENCE = 2, 1
 
 
 def epoch_values(csv_path: Path, name: str) -> dict[int, float]:
