@@ -1,11 +1,14 @@
 """The batch every model consumes: one dataclass, built by `collate` from decoded samples.
 
-Each distinct drug of a batch appears once in `drug` (a PyG Batch of graphs); `drug_index`
-maps every sample to its row there, so a model encodes each drug once per batch.
+Entity-level: each distinct drug of a batch appears once in `drug` (a PyG Batch of graphs) and
+`smiles`, each distinct cell line once in `cell`; `drug_index` and `cell_index` map every sample
+(pair) to its rows there, so a model encodes each drug and each cell line once per batch and
+only its pair-level layers run per sample. `per_pair()` gives the same batch with every pair
+holding its own rows: the per-pair reference the entity-level step is tested against.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ from cldr_dist.data.features import FeatureTables
 from cldr_dist.data.wordpiece import CaptionWordPieces
 
 PAD_ID = 0  # tokenizer reserves id 0 for [PAD]; see data/tokenizer.py
+ENTITY_FIELDS = ("drug", "smiles", "cell")   # tables of distinct entities, indexed by *_index
 
 
 @dataclass
@@ -22,7 +26,8 @@ class DRPBatch:
     drug: GraphBatch            # unique drugs of the batch: x (atoms, 90) float, edge_index, batch, ptr
     drug_index: torch.Tensor    # (B,) long: sample -> row of `drug` / `smiles`
     smiles: torch.Tensor        # (U, Ls) long: SMILES character codes, 0-padded (for SMILES CNNs)
-    cell: torch.Tensor          # (B, F) float: genomic features of each sample's cell line
+    cell: torch.Tensor          # (V, F) float: genomic features of the distinct cell lines
+    cell_index: torch.Tensor    # (B,) long: sample -> row of `cell`
     y: torch.Tensor             # (B,) float: normalised response in (0, 1)
     ln_ic50: torch.Tensor       # (B,) float
     number_index: torch.Tensor  # (B,) long: round(y * 1000), the index of the number text
@@ -39,6 +44,30 @@ class DRPBatch:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def select(self, rows: torch.Tensor) -> "DRPBatch":
+        """The samples `rows` (a long tensor) as a batch of their own. The entity tables stay
+        whole (rows no sample uses any more are harmless), only the per-sample fields and the
+        indices into the tables are selected."""
+        picked = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ENTITY_FIELDS or v is None:
+                picked[f.name] = v
+            elif isinstance(v, list):
+                picked[f.name] = [v[i] for i in rows.tolist()]
+            else:
+                picked[f.name] = v[rows.to(v.device)]
+        return DRPBatch(**picked)
+
+    def per_pair(self) -> "DRPBatch":
+        """The same samples with every pair holding its own drug graph, SMILES and cell row
+        (indices = arange(B)): the per-pair computation, kept only as the reference the
+        entity-level step must equal."""
+        pairs = torch.arange(len(self), device=self.drug_index.device)
+        return replace(self, drug=_expand_graphs(self.drug, self.drug_index),
+                       smiles=self.smiles[self.drug_index], drug_index=pairs,
+                       cell=self.cell[self.cell_index], cell_index=pairs)
+
     def to(self, device, feature_dtype: torch.dtype | None = None) -> "DRPBatch":
         """Moved to `device`; feature_dtype casts the model's float inputs (atom and cell
         features) to the parameters' dtype (bf16 under DeepSpeed's bf16), never the labels."""
@@ -51,6 +80,33 @@ class DRPBatch:
             drug.x = drug.x.to(feature_dtype)
             moved["cell"] = moved["cell"].to(feature_dtype)
         return DRPBatch(**moved)
+
+
+def _expand_graphs(drug: GraphBatch, index: torch.Tensor) -> GraphBatch:
+    """A graph batch whose graph j is graph index[j] of `drug`, atoms and edges in their
+    original order (so message passing sums in the same order as on the entity table)."""
+    sizes = drug.ptr[1:] - drug.ptr[:-1]
+    new_sizes = sizes[index]
+    new_ptr = torch.cat([new_sizes.new_zeros(1), new_sizes.cumsum(0)])
+    new_batch = torch.repeat_interleave(torch.arange(len(index), device=index.device), new_sizes)
+    atom = drug.ptr[index][new_batch] + torch.arange(len(new_batch), device=index.device) - new_ptr[new_batch]
+
+    # edges grouped by graph, stable, so each graph keeps its edge order
+    edge_graph = drug.batch[drug.edge_index[0]]
+    order = torch.sort(edge_graph, stable=True).indices
+    edge_counts = torch.bincount(edge_graph, minlength=len(sizes))
+    edge_ptr = torch.cat([edge_counts.new_zeros(1), edge_counts.cumsum(0)])
+    new_edge_counts = edge_counts[index]
+    new_edge_ptr = torch.cat([new_edge_counts.new_zeros(1), new_edge_counts.cumsum(0)])
+    edge_of = torch.repeat_interleave(torch.arange(len(index), device=index.device), new_edge_counts)
+    edge = order[edge_ptr[index][edge_of] + torch.arange(len(edge_of), device=index.device)
+                 - new_edge_ptr[edge_of]]
+    # atom ids move from the source graph's offset to the copy's
+    edge_index = drug.edge_index[:, edge] - drug.ptr[index][edge_of] + new_ptr[edge_of]
+
+    out = GraphBatch(x=drug.x[atom], edge_index=edge_index, batch=new_batch, ptr=new_ptr)
+    out._num_graphs = len(index)
+    return out
 
 
 def _pad(seqs: list[np.ndarray], length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +131,7 @@ def collate(samples: list[dict], tables: FeatureTables,
     drug_rows = np.array([s["meta"]["drug"] for s in samples], dtype=np.int64)
     cell_rows = np.array([s["meta"]["cell"] for s in samples], dtype=np.int64)
     unique_drugs, drug_index = np.unique(drug_rows, return_inverse=True)
+    unique_cells, cell_index = np.unique(cell_rows, return_inverse=True)
 
     xs, edges, graph_of_atom, n_atoms = [], [], [], 0
     for g, d in enumerate(unique_drugs):
@@ -103,7 +160,8 @@ def collate(samples: list[dict], tables: FeatureTables,
         drug=drug,
         drug_index=torch.from_numpy(drug_index.astype(np.int64)),
         smiles=smiles,
-        cell=torch.from_numpy(tables.cell_features[cell_rows].astype(np.float32)),
+        cell=torch.from_numpy(tables.cell_features[unique_cells].astype(np.float32)),
+        cell_index=torch.from_numpy(cell_index.astype(np.int64)),
         y=torch.tensor([s["meta"]["y"] for s in samples], dtype=torch.float32),
         ln_ic50=torch.tensor([s["meta"]["ln_ic50"] for s in samples], dtype=torch.float32),
         number_index=torch.from_numpy(number_index),

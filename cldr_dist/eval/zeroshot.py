@@ -8,7 +8,6 @@ caption tower once per sample; only the small fusion MLP runs per (sample, numbe
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -41,17 +40,9 @@ def zeroshot_predict(model, batches: Iterable[DRPBatch], numbers: NumberTexts,
         batch = batch.to(device)
         sample = F.normalize(model.drp(batch)[1], dim=-1)
         for rows in torch.split(torch.arange(len(batch), device=device), chunk):
-            part = _rows(batch, rows)
+            part = batch.select(rows)
             texts = model.pair_text_embeddings(part, number_feats)
             preds.append(nearest_number(sample[rows], texts).cpu())
         ys.append(batch.y.cpu())
     model.train(was_training)
     return torch.cat(ys).numpy(), torch.cat(preds).numpy() / NUM_NUMBER_TEXTS
-
-
-def _rows(batch: DRPBatch, rows: torch.Tensor) -> DRPBatch:
-    """The caption fields of some rows (all pair_text_embeddings reads)."""
-    wordpieces = {}
-    if batch.caption_wp is not None:   # model.text_tower=minilm
-        wordpieces = dict(caption_wp=batch.caption_wp[rows], caption_wp_len=batch.caption_wp_len[rows])
-    return replace(batch, caption=batch.caption[rows], caption_len=batch.caption_len[rows], **wordpieces)

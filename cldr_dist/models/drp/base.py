@@ -4,14 +4,18 @@ A base model maps a DRPBatch to (prediction, embedding):
     prediction (B,) in (0, 1): sigmoid of the regression head, trained with MSE on batch.y
     embedding  (B, embed_dim): the fused drug+cell representation, the layer before the head;
                                CLDR pretraining aligns it with the text embedding.
-Drug branches encode each distinct drug of the batch once (batch.drug / batch.smiles) and
-then index with batch.drug_index, so repeated drugs cost nothing.
+Entity-level step: the drug branch encodes each distinct drug of the batch once (batch.drug /
+batch.smiles), the cell branch each distinct cell line once (batch.cell), and FusionHead's first
+layer multiplies each of them once too; only the layers after it run per pair, through
+batch.drug_index / batch.cell_index. Run on batch.per_pair(), the same model is the per-pair
+computation (the reference the tests compare with).
 """
 from __future__ import annotations
 
 from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cldr_dist.config import ModelConfig
@@ -27,17 +31,31 @@ class DRPModel(Protocol):
 
 
 class FusionHead(nn.Module):
-    """concat(drug, cell) -> 1024 -> embed_dim (the embedding) -> 1 -> sigmoid, as GraphDRP."""
+    """concat(drug, cell) -> 1024 -> embed_dim (the embedding) -> 1 -> sigmoid, as GraphDRP.
 
-    def __init__(self, in_dim: int, embed_dim: int, dropout: float):
+    fc1 is linear in the concatenation, so it splits into per-entity products:
+    W·[d;c] + b = (W_d·d + b) + W_c·c. Each distinct drug and cell line is multiplied once per
+    step, and a pair only adds its two rows. fc1 stays one nn.Linear (its weight sliced by
+    columns), so state dicts and parameter counts are those of the concatenating head."""
+
+    def __init__(self, drug_dim: int, cell_dim: int, embed_dim: int, dropout: float):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, FUSION_HIDDEN)
+        self.split = (drug_dim, cell_dim)
+        self.fc1 = nn.Linear(drug_dim + cell_dim, FUSION_HIDDEN)
         self.fc2 = nn.Linear(FUSION_HIDDEN, embed_dim)
         self.out = nn.Linear(embed_dim, 1)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, drug: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.drop(torch.relu(self.fc1(torch.cat([drug, cell], dim=1))))
+    def entity_parts(self, drug: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fc1's drug part (U, 1024), bias included, and cell part (V, 1024)."""
+        w_drug, w_cell = self.fc1.weight.split(self.split, dim=1)
+        return F.linear(drug, w_drug, self.fc1.bias), F.linear(cell, w_cell)
+
+    def forward(self, drug: torch.Tensor, cell: torch.Tensor, drug_index: torch.Tensor,
+                cell_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """drug (U, drug_dim), cell (V, cell_dim): distinct entities; *_index (B,): each pair's rows."""
+        drug_part, cell_part = self.entity_parts(drug, cell)
+        h = self.drop(torch.relu(drug_part[drug_index] + cell_part[cell_index]))
         emb = self.fc2(h)
         pred = torch.sigmoid(self.out(self.drop(torch.relu(emb)))).squeeze(1)
         return pred, emb

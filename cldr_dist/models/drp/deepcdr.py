@@ -22,9 +22,12 @@ class DeepCDR(nn.Module):
         widths = (atom_dim, *GCN_WIDTHS)
         self.gcns = nn.ModuleList(GCNConv(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.drug_fc = nn.Linear(2 * widths[-1], BRANCH_DIM)
+        # the cell branch runs once per distinct cell line, so in train mode its dropout draws
+        # one mask per cell line of the step, shared by that line's pairs (per pair, each pair
+        # drew its own); with dropout off the two are exactly equal
         self.cell = nn.Sequential(nn.Linear(num_cell_features, CELL_HIDDEN), nn.ReLU(),
                                   nn.Dropout(dropout), nn.Linear(CELL_HIDDEN, BRANCH_DIM))
-        self.head = FusionHead(2 * BRANCH_DIM, embed_dim, dropout)
+        self.head = FusionHead(BRANCH_DIM, BRANCH_DIM, embed_dim, dropout)
 
     def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
         g, h = batch.drug, batch.drug.x
@@ -33,8 +36,8 @@ class DeepCDR(nn.Module):
         h = torch.cat([global_max_pool(h, g.batch, g.num_graphs),
                        global_mean_pool(h, g.batch, g.num_graphs)], dim=1)
         drug = self.drug_fc(h)                  # (U, 128): unique drugs
-        cell = self.cell(batch.cell)            # (B, 128)
-        return self.head(drug[batch.drug_index], cell)
+        cell = self.cell(batch.cell)            # (V, 128): unique cells
+        return self.head(drug, cell, batch.drug_index, batch.cell_index)
 
 
 @register("deepcdr")

@@ -46,7 +46,7 @@ class GraphDRP(nn.Module):
         self.drug_fc1 = nn.Linear(2 * atom_dim * GAT_HEADS, DRUG_HIDDEN)
         self.drug_fc2 = nn.Linear(DRUG_HIDDEN, BRANCH_DIM)
         self.cell = CellCNN(num_cell_features)
-        self.head = FusionHead(2 * BRANCH_DIM, embed_dim, dropout)
+        self.head = FusionHead(BRANCH_DIM, BRANCH_DIM, embed_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +56,8 @@ class GraphDRP(nn.Module):
         h = torch.cat([global_max_pool(h, g.batch, g.num_graphs),
                        global_mean_pool(h, g.batch, g.num_graphs)], dim=1)
         drug = self.drug_fc2(self.drop(torch.relu(self.drug_fc1(h))))   # (U, 128): unique drugs
-        cell = self.cell(batch.cell)                                     # (B, 128)
-        return self.head(drug[batch.drug_index], cell)
+        cell = self.cell(batch.cell)                                     # (V, 128): unique cells
+        return self.head(drug, cell, batch.drug_index, batch.cell_index)
 
 
 @register("graphdrp")

@@ -57,12 +57,12 @@ class TCNN(nn.Module):
         self.drug = SmilesCNN()
         self.cell = CellCNN(num_cell_features, channels=CELL_CHANNELS, kernel=SMILES_KERNEL,
                             pool=SMILES_POOL)
-        self.head = FusionHead(2 * BRANCH_DIM, embed_dim, dropout)
+        self.head = FusionHead(BRANCH_DIM, BRANCH_DIM, embed_dim, dropout)
 
     def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
         drug = self.drug(batch.smiles)          # (U, 128): unique drugs
-        cell = self.cell(batch.cell)            # (B, 128)
-        return self.head(drug[batch.drug_index], cell)
+        cell = self.cell(batch.cell)            # (V, 128): unique cells
+        return self.head(drug, cell, batch.drug_index, batch.cell_index)
 
 
 @register("tcnn")
