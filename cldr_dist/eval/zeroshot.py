@@ -50,8 +50,10 @@ def zeroshot_predict(model, batches: Iterable[DRPBatch], numbers: NumberTexts,
 
 
 def _rows(batch: DRPBatch, rows: torch.Tensor) -> DRPBatch:
-    """The caption fields of some rows (all pair_text_embeddings reads)."""
+    """The caption fields of some rows (all pair_text_embeddings reads); drug_index still into
+    the batch's drugs, whose caption prefixes the tower encodes once per part."""
     wordpieces = {}
     if batch.caption_wp is not None:   # model.text_tower=minilm
         wordpieces = dict(caption_wp=batch.caption_wp[rows], caption_wp_len=batch.caption_wp_len[rows])
-    return replace(batch, caption=batch.caption[rows], caption_len=batch.caption_len[rows], **wordpieces)
+    return replace(batch, caption=batch.caption[rows], caption_len=batch.caption_len[rows],
+                   drug_index=batch.drug_index[rows], **wordpieces)
