@@ -3,7 +3,7 @@
 1. forward+backward samples/s of each base DRP model at batch 256 (MSE on y only);
 2. the CLDR pretraining step (forward, CLIP + TransE loss, backward, Adam) in the paper's
    configuration (captions padded to 300, number texts to 100) against ours (padded to the
-   longest, captions run in length buckets, each distinct number text encoded once),
+   longest, each drug's caption prefix encoded once, each distinct number text encoded once),
    timed side by side, interleaved, in one run;
 3. memory of the gathered local-rows CLIP loss against a full B x B logits loss at world 2 and
    4 with 256 samples per rank, simulating one rank in one process.
@@ -76,6 +76,7 @@ def pretrain_stepper(prepared, paper: bool):
     model = build_model(ModelConfig(), LossConfig(), tokenizer.get_vocab_size(),
                         features.num_cell_features,
                         text_buckets=0 if paper else DEFAULT_TEXT_BUCKETS, dedup_numbers=not paper)
+    model.text.caption.share_prefix = not paper   # the paper encodes every caption in full
     kg = build_kg(LossConfig(), model.text.number.proj.out_features)
     numbers = NumberTexts(features, pad_to=ModelConfig().number_context if paper else None)
     opt = torch.optim.Adam(list(model.parameters()) + list(kg.parameters()), lr=5e-5)

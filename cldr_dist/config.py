@@ -54,7 +54,7 @@ class ModelConfig:
     number_context: int = 100
     caption_pad_to: int = 0         # 0 pads to the longest caption in the batch; 300 = the paper
     number_pad_to: int = 0          # 0 pads to the longest number text; 100 = the paper
-    text_buckets: int = 4           # caption length buckets per batch; 0 runs captions as padded (the paper)
+    text_buckets: int = 4           # length buckets per batch (of captions, or of drugs' shared caption prefixes); 0: as padded (the paper)
     dedup_numbers: bool = True      # encode each distinct number text of a batch once
     text_tower: str = "scratch"     # scratch: the paper's towers on our BPE ids | minilm: pretrained all-MiniLM-L6-v2
     minilm_trainable_layers: int = 0  # minilm: top layers of its 6 that train; 0 = frozen, only projections + MLP train

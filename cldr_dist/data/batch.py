@@ -18,7 +18,7 @@ from cldr_dist.data.features import FeatureTables
 from cldr_dist.data.wordpiece import CaptionWordPieces
 
 PAD_ID = 0  # tokenizer reserves id 0 for [PAD]; see data/tokenizer.py
-ENTITY_FIELDS = ("drug", "smiles", "cell")   # tables of distinct entities, indexed by *_index
+ENTITY_FIELDS = ("drug", "smiles", "cell", "caption_prefix_len")   # tables of distinct entities, indexed by *_index
 
 
 @dataclass
@@ -40,6 +40,10 @@ class DRPBatch:
     # model.text_tower=minilm only (collate's `wordpieces`): the captions in MiniLM's WordPiece ids
     caption_wp: torch.Tensor | None = None       # (B, Lw) long, 0-padded (MiniLM's [PAD] is 0 too)
     caption_wp_len: torch.Tensor | None = None   # (B,) long
+    # tables with caption_prefix_len (FeatureTables): every caption of unique drug u begins with
+    # the same caption_prefix_len[u] tokens (unless caption_pad_to cut it shorter), which the
+    # caption tower then encodes once
+    caption_prefix_len: torch.Tensor | None = None   # (U,) long, rows of `drug`
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -61,12 +65,12 @@ class DRPBatch:
 
     def per_pair(self) -> "DRPBatch":
         """The same samples with every pair holding its own drug graph, SMILES and cell row
-        (indices = arange(B)): the per-pair computation, kept only as the reference the
-        entity-level step must equal."""
+        (indices = arange(B)) and its caption encoded in full (no shared prefix): the per-pair
+        computation, kept only as the reference the entity-level step must equal."""
         pairs = torch.arange(len(self), device=self.drug_index.device)
         return replace(self, drug=_expand_graphs(self.drug, self.drug_index),
                        smiles=self.smiles[self.drug_index], drug_index=pairs,
-                       cell=self.cell[self.cell_index], cell_index=pairs)
+                       cell=self.cell[self.cell_index], cell_index=pairs, caption_prefix_len=None)
 
     def to(self, device, feature_dtype: torch.dtype | None = None) -> "DRPBatch":
         """Moved to `device`; feature_dtype casts the model's float inputs (atom and cell
@@ -117,6 +121,25 @@ def _pad(seqs: list[np.ndarray], length: int | None) -> tuple[torch.Tensor, torc
         n = min(len(s), width)
         out[i, :n] = s[:n]
     return torch.from_numpy(out), torch.from_numpy(np.minimum(lens, width))
+
+
+def _caption_prefix_len(tables: FeatureTables, unique_drugs: np.ndarray, drug_index: np.ndarray,
+                        caption: torch.Tensor) -> torch.Tensor | None:
+    """The tables' per-drug caption prefix lengths for this batch, checked against its captions:
+    a prefix that differs between two pairs of a drug (tables of another tokenizer) would make
+    shared-prefix encoding silently wrong."""
+    if tables.caption_prefix_len is None:
+        return None
+    prefix_len = tables.caption_prefix_len[unique_drugs].astype(np.int64)
+    ids = caption.numpy()
+    width = min(int(prefix_len.max()), ids.shape[1])
+    some_row = np.zeros(len(unique_drugs), dtype=np.int64)
+    some_row[drug_index] = np.arange(len(drug_index))   # any one pair of each drug
+    in_prefix = np.arange(width) < prefix_len[drug_index, None]
+    if np.any((ids[:, :width] != ids[some_row][drug_index, :width]) & in_prefix):
+        raise ValueError("captions of one drug differ within its caption_prefix_len: the feature "
+                         "tables do not belong to these captions' tokenizer")
+    return torch.from_numpy(prefix_len)
 
 
 def collate(samples: list[dict], tables: FeatureTables,
@@ -173,4 +196,5 @@ def collate(samples: list[dict], tables: FeatureTables,
         drug_ids=[s["meta"]["drug_id"] for s in samples],
         caption_wp=caption_wp,
         caption_wp_len=caption_wp_len,
+        caption_prefix_len=_caption_prefix_len(tables, unique_drugs, drug_index, caption),
     )

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+DERIVED = ("caption_prefix_len",)   # fields to_bytes leaves out
+
+
 def _ragged(arrays: list[np.ndarray], axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.concatenate([[0], np.cumsum([a.shape[axis] for a in arrays])]).astype(np.int64)
     return np.concatenate(arrays, axis=axis), offsets
@@ -33,10 +36,14 @@ class FeatureTables:
     feature_names: np.ndarray   # (F,) str
     number_token_ids: np.ndarray   # (total,) int32: token ids of the 1000 number texts
     number_offsets: np.ndarray     # (1001,)
+    # (D,) tokens every caption of the drug begins with: [SOS] + the template's words through
+    # the SMILES. Derived from the tokenizer (shards.prepare, reader.open_shards), not stored:
+    # features.npz, and so the shards, stay as they were
+    caption_prefix_len: np.ndarray | None = None
 
     @classmethod
     def build(cls, drug_ids, drug_smiles, graphs, smiles_codes, cell_ids, cell_names,
-              cell_features, feature_names, number_tokens) -> "FeatureTables":
+              cell_features, feature_names, number_tokens, caption_prefix_len=None) -> "FeatureTables":
         atoms, atom_offsets = _ragged([g[0] for g in graphs])
         edges, edge_offsets = _ragged([g[1] for g in graphs], axis=1)
         chars, char_offsets = _ragged(smiles_codes)
@@ -45,7 +52,8 @@ class FeatureTables:
                    atoms, atom_offsets, edges, edge_offsets, chars, char_offsets,
                    np.asarray(cell_ids, dtype=str), np.asarray(cell_names, dtype=str),
                    np.asarray(cell_features, dtype=np.uint8), np.asarray(feature_names, dtype=str),
-                   num, num_offsets)
+                   num, num_offsets,
+                   None if caption_prefix_len is None else np.asarray(caption_prefix_len, dtype=np.int32))
 
     def drug_graph(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         a0, a1 = self.atom_offsets[row], self.atom_offsets[row + 1]
@@ -64,7 +72,7 @@ class FeatureTables:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, **{k: v for k, v in self.__dict__.items()})
+        np.savez(buf, **{k: v for k, v in self.__dict__.items() if k not in DERIVED})
         return buf.getvalue()
 
     @classmethod

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cldr_dist.data import storage
 from cldr_dist.data.batch import DRPBatch, collate
 from cldr_dist.data.features import FeatureTables
-from cldr_dist.data.shards import FORMAT_VERSION, MANIFEST
+from cldr_dist.data.shards import FORMAT_VERSION, MANIFEST, caption_prefix_lengths
+from cldr_dist.data.tokenizer import load_tokenizer
 from cldr_dist.data.wordpiece import CaptionWordPieces
 
 
@@ -88,7 +89,9 @@ def open_shards(url: str) -> ShardSet:
             blobs[key] = _checked(u, storage.read_bytes(u), manifest[key]["sha256"])
         except storage.StorageError as e:
             raise ShardError(f"manifest lists a missing file: {e}") from None
-    return ShardSet(url, manifest, FeatureTables.from_bytes(blobs["features"]), blobs["tokenizer"].decode())
+    features, tokenizer_json = FeatureTables.from_bytes(blobs["features"]), blobs["tokenizer"].decode()
+    features.caption_prefix_len = caption_prefix_lengths(load_tokenizer(tokenizer_json), features.drug_smiles)
+    return ShardSet(url, manifest, features, tokenizer_json)
 
 
 # ----------------------------------------------------------------------------- epoch arithmetic

@@ -84,6 +84,24 @@ def npy_vector_bytes(a: np.ndarray) -> bytes:
     return _NPY_HEADERS[key] + np.ascontiguousarray(a).tobytes()
 
 
+def drug_pieces(drug_words: list[str]) -> list[str]:
+    """Each drug's part of its captions: the template up to and including the split SMILES.
+    The template's space after {smiles} is the word boundary between drug and cell parts."""
+    head = CAPTION_TEMPLATE.split(SMILES_FIELD)[0]
+    return [head + w for w in drug_words]
+
+
+def encode_pieces(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, dtype=np.int64) for start in range(0, len(texts), ENCODE_BLOCK)
+            for e in tokenizer.encode_batch(texts[start:start + ENCODE_BLOCK], add_special_tokens=False)]
+
+
+def caption_prefix_lengths(tokenizer: Tokenizer, drug_smiles) -> np.ndarray:
+    """CaptionIds.prefix_lengths from a shard set's tokenizer and tables."""
+    pieces = encode_pieces(tokenizer, drug_pieces([split_smiles(s) for s in drug_smiles]))
+    return np.array([1 + len(ids) for ids in pieces], dtype=np.int32)   # 1: [SOS]
+
+
 class CaptionIds:
     """Caption token ids of the response rows, made on demand from per-drug and per-cell pieces.
 
@@ -98,14 +116,11 @@ class CaptionIds:
     def __init__(self, tokenizer: Tokenizer, drug_words: list[str], cell_names: list[str],
                  drows: np.ndarray, crows: np.ndarray):
         self.tokenizer, self.drows, self.crows = tokenizer, drows, crows
-        # the template's space after {smiles} is the word boundary between the two parts
-        head, tail = CAPTION_TEMPLATE.split(SMILES_FIELD)
-        drug_text = [head + w for w in drug_words]
-        cell_text = [tail.format(cell=n) for n in cell_names]
         # encoded ENCODE_BLOCK texts at a time: an Encoding (tokens, offsets, masks) is far larger
         # than its ids, and there are as many cell texts as cell lines
-        self.drug_ids = self._encode_pieces(drug_text)
-        self.cell_ids = self._encode_pieces(cell_text)
+        tail = CAPTION_TEMPLATE.split(SMILES_FIELD)[1]
+        self.drug_ids = encode_pieces(tokenizer, drug_pieces(drug_words))
+        self.cell_ids = encode_pieces(tokenizer, [tail.format(cell=n) for n in cell_names])
         self.sos = np.asarray([tokenizer.token_to_id(SOS)], dtype=np.int64)
         self.eos = np.asarray([tokenizer.token_to_id(EOS)], dtype=np.int64)
         n = max(len(drug_words), len(cell_names))
@@ -117,9 +132,9 @@ class CaptionIds:
                 raise RuntimeError("caption ids are not the concatenation of their drug and cell parts: "
                                    "the tokenizer no longer splits on whitespace alone")
 
-    def _encode_pieces(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for start in range(0, len(texts), ENCODE_BLOCK)
-                for e in self.tokenizer.encode_batch(texts[start:start + ENCODE_BLOCK], add_special_tokens=False)]
+    def prefix_lengths(self) -> np.ndarray:
+        """Per drug, the tokens every caption of it begins with: [SOS] + its piece."""
+        return np.array([len(self.sos) + len(ids) for ids in self.drug_ids], dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.drows)
@@ -175,7 +190,8 @@ def prepare(tables: GDSCTables, vocab_size: int):
         graphs=[(d.atoms, d.edges) for d in tables.drugs],
         smiles_codes=[smiles_codes(d.smiles) for d in tables.drugs],
         cell_ids=tables.cell_ids, cell_names=tables.cell_names, cell_features=tables.cell_features,
-        feature_names=tables.feature_names, number_tokens=encode_all(tokenizer, numbers))
+        feature_names=tables.feature_names, number_tokens=encode_all(tokenizer, numbers),
+        caption_prefix_len=caption_ids.prefix_lengths())
     return tokenizer, features, caption_ids, drows, crows
 
 

@@ -7,20 +7,32 @@ token attends to anything after it, so the [EOS] state ignores the padding that 
 output is the same whether a batch is padded to its longest text or to a fixed 300/100. That
 is what lets `num_buckets` cut the padding away (sort by length, run each bucket at its own
 longest length) without changing the result.
+
+Prefix sharing: a caption is "[SOS] The drug response value between {SMILES} and {cell} is
+[EOS]". Under the causal mask every state up to the end of the SMILES depends on those tokens
+alone, so it is the same for every pair of a drug: the caption tower runs each distinct drug's
+prefix once, keeps each layer's keys and values, and runs only each pair's suffix (~5 of ~65
+tokens) at positions prefix_len.. against them. The result is the full-sequence encoding, not
+an approximation (tests/models/test_text.py checks outputs and gradients).
+
+The transformer is written here rather than taken from transformers' CLIPTextModel, which
+cannot take cached keys and values; it is CLIP's text architecture (token + position
+embeddings, pre-LN blocks of causal multi-head attention and a quick_gelu MLP, a final
+LayerNorm) with CLIP's initialisation.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from cldr_dist.config import ModelConfig
-from cldr_dist.data.batch import PAD_ID
 
-SOS_ID, EOS_ID = 2, 3        # data/tokenizer.py SPECIAL_TOKENS
 TOWER_DIM = 128              # each tower's projection; concatenated = 256
 MLP_WIDTHS = (256, 512, 512, 256)
 MLP_RATIO = 4                # CLIP's feed-forward width = 4 x width
+QUICK_GELU = 1.702           # CLIP's activation: x * sigmoid(1.702 x)
+EMBED_STD = 0.02             # CLIP's token and position embedding init
 
 
 def fusion_mlp() -> nn.Sequential:
@@ -38,32 +50,126 @@ def fuse_features(mlp: nn.Module, caption_feat: torch.Tensor, number_feat: torch
     return mlp(torch.cat([caption_feat, number_feat], dim=-1))
 
 
+def _normal_(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, std=std)
+    nn.init.zeros_(linear.bias)
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, width: int, heads: int, layers: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.fc1 = nn.Linear(width, MLP_RATIO * width)
+        self.fc2 = nn.Linear(MLP_RATIO * width, width)
+        # CLIP's init (transformers' CLIPPreTrainedModel._init_weights): residual branches
+        # scaled down with depth
+        depth_std = width ** -0.5 * (2 * layers) ** -0.5
+        for linear, std in ((self.qkv, depth_std), (self.out, width ** -0.5),
+                            (self.fc1, (2 * width) ** -0.5), (self.fc2, depth_std)):
+            _normal_(linear, std)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (N, T, W) -> (x', (k, v)) with this block's keys and values (N, heads, T, W/heads).
+        past: keys and values of earlier positions, each query sees them where `mask` allows;
+        mask None is plain causal attention over x alone."""
+        n, t, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        x = x + self.out(a.transpose(1, 2).reshape(n, t, w))
+        h = self.fc1(self.ln2(x))
+        return x + self.fc2(h * torch.sigmoid(QUICK_GELU * h)), (k, v)
+
+
 class TextTower(nn.Module):
     """A causal transformer over token ids, pooled at the [EOS] position and projected."""
 
     def __init__(self, vocab_size: int, width: int, layers: int, heads: int, context: int,
                  out_dim: int = TOWER_DIM, num_buckets: int = 0):
         super().__init__()
-        config = CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=width, intermediate_size=MLP_RATIO * width,
-            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=context,
-            pad_token_id=PAD_ID, bos_token_id=SOS_ID, eos_token_id=EOS_ID,
-            attention_dropout=0.0)
-        config._attn_implementation = "sdpa"
-        self.transformer = CLIPTextModel(config)
+        self.token = nn.Embedding(vocab_size, width)
+        self.position = nn.Embedding(context, width)
+        for emb in (self.token, self.position):
+            nn.init.normal_(emb.weight, std=EMBED_STD)
+        self.blocks = nn.ModuleList(Block(width, heads, layers) for _ in range(layers))
+        self.final_ln = nn.LayerNorm(width)
         self.proj = nn.Linear(width, out_dim, bias=False)
         self.context = context
-        self.num_buckets = num_buckets   # 0: run the batch as padded (the paper); k: k buckets
+        # 0: run the batch as padded (the paper); k: k length buckets (of texts, or of drugs'
+        # prefixes when sharing them)
+        self.num_buckets = num_buckets
+        self.share_prefix = True   # False: every caption in full (the reference the tests use)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.token(ids) + self.position(positions)
 
     def _encode(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        # no attention mask: the causal mask alone keeps [EOS] blind to the padding after it
-        hidden = self.transformer(input_ids=ids).last_hidden_state
-        return hidden[torch.arange(ids.shape[0], device=ids.device), lens - 1]
+        # no padding mask: the causal mask alone keeps [EOS] blind to the padding after it
+        x = self._embed(ids, torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.final_ln(x)[torch.arange(len(ids), device=ids.device), lens - 1]
 
-    def forward(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """ids (N, L) PAD-padded, lens (N,) -> (N, out_dim)."""
+    def _encode_group(self, prefix: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor,
+                      start: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Some drugs' prefixes, run once, and their pairs' suffixes against them.
+        prefix (G, P) the drugs' first P caption tokens; ids (n, L) and lens (n,) their pairs'
+        captions; slot (n,) each pair's drug in `prefix`; start (n,) where its own tokens begin
+        (its drug's shared prefix length, at most lens - 1) -> (n, W) state at each len - 1."""
+        device, p = ids.device, prefix.shape[1]
+        x, cache = self._embed(prefix, torch.arange(p, device=device)), []
+        for block in self.blocks:
+            x, kv = block(x)
+            cache.append(kv)
+        own = torch.arange(int((lens - start).max()), device=device)
+        positions = (start[:, None] + own).clamp(max=ids.shape[1] - 1)   # past len: padding
+        # a pair sees its own drug's prefix (not that prefix's padding) and its own tokens causally
+        n, t = len(ids), len(own)
+        sees_prefix = (torch.arange(p, device=device) < start[:, None, None]).expand(n, t, p)
+        causal = (own[:, None] >= own[None, :]).expand(n, t, t)
+        mask = torch.cat([sees_prefix, causal], dim=-1)[:, None]
+        y = self._embed(ids.gather(1, positions), positions)
+        for block, (k, v) in zip(self.blocks, cache):
+            y, _ = block(y, mask, (k[slot], v[slot]))
+        return self.final_ln(y)[torch.arange(n, device=device), lens - 1 - start]
+
+    def _encode_shared(self, ids: torch.Tensor, lens: torch.Tensor, drug_index: torch.Tensor,
+                       prefix_len: torch.Tensor) -> torch.Tensor:
+        drugs, pair_drug = torch.unique(drug_index, return_inverse=True)
+        # each drug shares only what precedes every one of its pairs' pooled tokens, so a
+        # caption truncated inside the prefix stays exact; any row is then a source of it
+        shared = prefix_len[drugs].scatter_reduce(0, pair_drug, lens - 1, "amin")
+        rows = torch.arange(len(ids), device=ids.device)
+        source = torch.zeros_like(drugs).scatter_reduce(0, pair_drug, rows, "amin", include_self=False)
+        # buckets of drugs by prefix length (prefixes run 15-179 tokens): each runs at its own
+        # longest prefix, and only its own pairs gather (and attend over) those keys and values
+        order = torch.argsort(shared)
+        slot_of = torch.empty_like(drugs)   # a drug's row within its bucket
+        pooled, pair_rows = [], []
+        for group in torch.tensor_split(order, max(min(self.num_buckets, len(order)), 1)):
+            slot_of[group] = torch.arange(len(group), device=ids.device)
+            pairs = torch.isin(pair_drug, group).nonzero().squeeze(1)
+            p = int(shared[group].max())
+            pooled.append(self._encode_group(ids[source[group], :p], ids[pairs], lens[pairs],
+                                             shared[pair_drug[pairs]], slot_of[pair_drug[pairs]]))
+            pair_rows.append(pairs)
+        return torch.cat(pooled)[torch.argsort(torch.cat(pair_rows))]
+
+    def forward(self, ids: torch.Tensor, lens: torch.Tensor, drug_index: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (N, L) PAD-padded, lens (N,) -> (N, out_dim). With drug_index (N,) and prefix_len
+        (U,) (every caption of drug u begins with the same prefix_len[u] tokens), each drug's
+        prefix is encoded once."""
         if ids.shape[1] > self.context:
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds the context {self.context}")
+        if self.share_prefix and prefix_len is not None:
+            return self.proj(self._encode_shared(ids, lens, drug_index, prefix_len))
         if self.num_buckets <= 0:
             return self.proj(self._encode(ids, lens))
         order = torch.argsort(lens)
@@ -87,8 +193,9 @@ class TextEncoder(nn.Module):
         self.mlp = fusion_mlp()
 
     def encode_captions(self, batch) -> torch.Tensor:
-        """A DRPBatch's captions -> (B, 128) caption-tower features."""
-        return self.caption(batch.caption, batch.caption_len)
+        """A DRPBatch's captions -> (B, 128) caption-tower features; each drug's caption prefix
+        once where the batch knows its length."""
+        return self.caption(batch.caption, batch.caption_len, batch.drug_index, batch.caption_prefix_len)
 
     def encode_numbers(self, token_ids: torch.Tensor, lens: torch.Tensor,
                        index: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,6 +37,9 @@ def test_zeroshot_predicts_number_grid(tiny_batch, tiny_prepared):
     assert y.shape == y_pred.shape == (len(tiny_batch),)
     assert np.all((y_pred >= 0) & (y_pred <= 0.999))
     np.testing.assert_allclose(y_pred * 1000, np.round(y_pred * 1000), atol=1e-6)
+    # parts of a batch (7 rows at a time) encode their captions as the whole batch does
+    _, whole = zeroshot_predict(model, [tiny_batch], NumberTexts(tiny_prepared[1]), chunk=len(tiny_batch))
+    np.testing.assert_array_equal(y_pred, whole)
 
 
 @pytest.fixture
