@@ -255,6 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
     while state.step < total_steps and not stopped_early():
         stream.epoch, stream.start_batch = state.epoch, state.batch
         for batch in make_loader(stream, cfg.data.loader_workers):
+            if cfg.train.encoding == "per_pair":
+                batch = batch.per_pair()
             loss, parts = engine(batch.to(device, feature_dtype))
             engine.backward(loss)
             for group in optimizer.param_groups:   # DeepSpeed's optimizers step these same groups

@@ -50,7 +50,8 @@ def test_is_better_respects_the_metric_direction():
 @pytest.mark.parametrize("override, named", [
     ("train.lr_schedule=step", "train.lr_schedule"), ("train.lr_scaling=quadratic", "train.lr_scaling"),
     ("train.warmup_epochs=-1", "train.warmup_epochs"), ("train.min_lr_ratio=2", "train.min_lr_ratio"),
-    ("train.patience=-1", "train.patience"), ("train.lr_base_batch=0", "train.lr_base_batch")])
-def test_bad_schedule_settings_name_their_key(override, named):
+    ("train.patience=-1", "train.patience"), ("train.lr_base_batch=0", "train.lr_base_batch"),
+    ("train.encoding=pairs", "train.encoding"), ("data.memory_budget_mb=-1", "data.memory_budget_mb")])
+def test_bad_training_settings_name_their_key(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, [override])
