@@ -16,6 +16,9 @@ import yaml
 from cldr_dist.train.schedule import LR_SCALING, SCHEDULES
 
 
+ENCODINGS = ("entity", "per_pair", "drugs_only")   # TrainConfig.encoding
+
+
 class ConfigError(Exception):
     """A user-facing problem with a config file or override; the message names the key."""
 
@@ -96,8 +99,9 @@ class TrainConfig:
     zeroshot_samples: int = 2000    # zero-shot PCC on this many val/test samples (1000 texts each)
     precision: str = "auto"         # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     # entity: each distinct drug, cell line and caption prefix of a batch is encoded once, only
-    # pair-level layers run per pair | per_pair: every pair encodes its own (the exact reference,
-    # for benchmarks and tests)
+    # pair-level layers run per pair | per_pair: every pair encodes its own (the exact reference)
+    # | drugs_only: drugs once per batch, cells and captions per pair (training before entity
+    # steps; the throughput benchmark's baseline)
     encoding: str = "entity"
 
 
@@ -228,7 +232,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more")
     need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
     need(cfg.train.patience >= 0, "train.patience must be 0 (no early stopping) or more")
-    need(cfg.train.encoding in ("entity", "per_pair"), f"train.encoding: {cfg.train.encoding!r} is not entity or per_pair")
+    need(cfg.train.encoding in ENCODINGS, f"train.encoding: {cfg.train.encoding!r} is not one of {', '.join(ENCODINGS)}")
     need(cfg.train.precision in ("auto", "bf16", "fp32"), f"train.precision: {cfg.train.precision!r} is not auto, bf16 or fp32")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")
     need(cfg.data.loader_workers >= 0, "data.loader_workers must be 0 or more")

@@ -63,14 +63,16 @@ class DRPBatch:
                 picked[f.name] = v[rows.to(v.device)]
         return DRPBatch(**picked)
 
-    def per_pair(self) -> "DRPBatch":
+    def per_pair(self, keep_drugs: bool = False) -> "DRPBatch":
         """The same samples with every pair holding its own drug graph, SMILES and cell row
         (indices = arange(B)) and its caption encoded in full (no shared prefix): the per-pair
-        computation, kept only as the reference the entity-level step must equal."""
+        computation, kept only as the reference the entity-level step must equal.
+        keep_drugs: drugs stay once per batch (cells and captions per pair), as training ran
+        before entity-level steps; benchmarks compare with it."""
         pairs = torch.arange(len(self), device=self.drug_index.device)
-        return replace(self, drug=_expand_graphs(self.drug, self.drug_index),
-                       smiles=self.smiles[self.drug_index], drug_index=pairs,
-                       cell=self.cell[self.cell_index], cell_index=pairs, caption_prefix_len=None)
+        drugs = {} if keep_drugs else dict(drug=_expand_graphs(self.drug, self.drug_index),
+                                           smiles=self.smiles[self.drug_index], drug_index=pairs)
+        return replace(self, cell=self.cell[self.cell_index], cell_index=pairs, caption_prefix_len=None, **drugs)
 
     def to(self, device, feature_dtype: torch.dtype | None = None) -> "DRPBatch":
         """Moved to `device`; feature_dtype casts the model's float inputs (atom and cell

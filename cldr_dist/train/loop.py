@@ -255,8 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
     while state.step < total_steps and not stopped_early():
         stream.epoch, stream.start_batch = state.epoch, state.batch
         for batch in make_loader(stream, cfg.data.loader_workers):
-            if cfg.train.encoding == "per_pair":
-                batch = batch.per_pair()
+            if cfg.train.encoding != "entity":
+                batch = batch.per_pair(keep_drugs=cfg.train.encoding == "drugs_only")
             loss, parts = engine(batch.to(device, feature_dtype))
             engine.backward(loss)
             for group in optimizer.param_groups:   # DeepSpeed's optimizers step these same groups

@@ -97,3 +97,19 @@ def test_split_fc1_equals_linear_on_the_concatenation():
     assert isinstance(head.fc1, nn.Linear) and head.fc1.in_features == 2 * BRANCH_DIM
     assert sorted(head.state_dict()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight",
                                          "out.bias", "out.weight"]
+
+
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_drugs_only_baseline_equals_entity_step(kind, grid_batch, tiny_prepared):
+    """train.encoding=drugs_only (training before entity steps, the benchmark's baseline) is the
+    same computation: drugs once per batch, cells and full captions per pair."""
+    objective = _objective(kind, "graphdrp", tiny_prepared, "eval")
+    baseline = grid_batch.per_pair(keep_drugs=True)
+    assert baseline.drug.num_graphs == DRUGS and baseline.cell.shape[0] == len(grid_batch)
+    assert baseline.caption_prefix_len is None
+    loss, grads = _loss_and_grads(objective, grid_batch)
+    ref_loss, ref_grads = _loss_and_grads(objective, baseline)
+    _assert_within_bound(loss, ref_loss, "loss")
+    for n, g in ref_grads.items():
+        if g is not None:
+            _assert_within_bound(grads[n], g, n)
