@@ -71,9 +71,11 @@ def measure(shards, runs, mode, drp, encoding, batch, steps, workers=1, threads=
     cfg = make_config(shards, runs, name, mode, drp, encoding, batch, steps, workers, threads)
     metrics, wall, la = fit(cfg)
     rate = csv_metric(cfg, "samples_per_s", 2 * steps)
+    # same seed and data plan on both paths: the same batches, so losses differ only by
+    # dropout masks (drawn per entity on the entity path) and rounding
     row = {"mode": mode, "drp": drp, "encoding": encoding, "global_batch": batch, "workers": workers,
-           "threads": threads, "window_steps": steps, "samples_per_s": rate, "wall_s": round(wall, 1),
-           "loadavg": la}
+           "threads": threads, "window_steps": steps, "samples_per_s": rate,
+           "loss_at_last_step": csv_metric(cfg, "loss", 2 * steps), "wall_s": round(wall, 1), "loadavg": la}
     print(f"[bench] {mode:8s} {drp:8s} {encoding:8s} batch {batch:6d} {workers}x{threads}: "
           f"{rate:,.0f} samples/s (run {wall:.0f}s, load {la[0]})", flush=True)
     return row
