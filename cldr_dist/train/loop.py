@@ -317,7 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
     selected = best_weights if best_weights is not None else weights
     final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot, device)
     final.update(selected_epoch=state.best_epoch if best_weights is not None else state.epoch,
-                 stopped_early=stopped_early(), epochs_run=state.epoch)
+                 stopped_early=int(stopped_early()), epochs_run=state.epoch)
     state.metrics.update(final)
     state.metrics["done"] = True
     log.scalars(state.epoch, state.step, final)
