@@ -22,6 +22,7 @@ def epoch_values(csv_path: Path, name: str) -> dict[int, float]:
         return {int(r["epoch"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == name}
 
 
+@pytest.mark.slow  # a new Ray test: joins make test once it has passed 20 runs in a row
 def test_test_metrics_come_from_the_best_validation_epoch(ray_local, tiny_shards, tmp_path):
     runs = tmp_path / "runs"
     # a high constant rate makes validation MSE wander, so early stopping has something to do
