@@ -5,13 +5,18 @@
     cldr finetune --config ...                  MSE finetuning, optionally from a pretrain checkpoint
     cldr experiment --config configs/experiments/NAME.yaml   base vs CLDR per model, split, seed
     cldr report RUN_DIR [RUN_DIR ...]           an experiment's tables and figures as report.md
+    cldr export --checkpoint URL --out DIR      a checkpoint -> a self-contained model directory
+    cldr predict --model DIR --smiles S --cells all --out FILE   predictions for new compounds / cell lines
 
 Every subcommand takes --config FILE and `section.key=value` overrides. A user's mistake
-(bad config, missing file, bad data) ends with one line on stderr and exit code 2.
+(bad config, missing file, bad data) ends with one line on stderr and exit code 2; `cldr
+predict` exits 3 when it rejected some inputs (and predicted all the others).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sys
 
 from cldr_dist.config import ConfigError, load_config
@@ -22,8 +27,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from cldr_dist.data.reader import ShardError
     from cldr_dist.data.tables import DataError
     from cldr_dist.experiment.report import ReportError
+    from cldr_dist.inference.bundle import BundleError
     from cldr_dist.train.commands import TrainingFailed
-    return ConfigError, DataError, ShardError, storage.StorageError, ReportError, TrainingFailed
+    return ConfigError, DataError, ShardError, storage.StorageError, ReportError, TrainingFailed, BundleError
 
 
 def cmd_experiment(args) -> None:
@@ -46,8 +52,47 @@ def cmd_report(args) -> None:
     print(f"report: {write_report(args.run_dir, args.out)}")
 
 
+def cmd_export(args) -> None:
+    from cldr_dist.inference.bundle import export_model
+    storage.set_endpoint(args.endpoint_url)
+    meta = export_model(args.checkpoint, args.out, args.shards)
+    print(json.dumps({"model": args.out, "base_model": meta["base_model"], "pretrained": meta["pretrained"],
+                      "weights_from": meta["weights_from"], "test_metrics": meta["test_metrics"]}, indent=1))
+
+
+PREDICT_REJECTED_EXIT = 3
+
+
+def cmd_predict(args) -> int:
+    from cldr_dist.inference import inputs
+    from cldr_dist.inference.predict import (ScreenSpec, cell_query, default_rejected_url, predict_local,
+                                             predict_ray)
+    storage.set_endpoint(args.endpoint_url)
+    inline = inputs.command_line_compounds(args.smiles, args.drug)
+    if not inline and not args.compounds:
+        raise ConfigError("cldr predict needs compounds: --smiles S, --drug ID or --compounds FILE")
+    cells, cell_rejects = cell_query(args.model[0], args.cells, args.cell_table)
+    spec = ScreenSpec(args.model, cells, args.missing_features, args.zeroshot, args.device, args.pairs_per_step)
+    rejected_url = args.rejected or default_rejected_url(args.out, args.ray)
+    if args.ray:
+        summary = predict_ray(spec, args.compounds, inline, args.out, rejected_url, cell_rejects,
+                              args.workers, args.compounds_per_task, args.address)
+    else:
+        chunks = [inline] if inline else []
+        if args.compounds:
+            chunks = itertools.chain(chunks, inputs.iter_compound_file(args.compounds, args.compounds_per_task))
+        summary = predict_local(spec, chunks, args.out, rejected_url, cell_rejects, progress=not args.quiet)
+    print(summary.line())
+    if summary.rejected:
+        print(f"cldr predict: {summary.rejected} input(s) rejected, reasons in {summary.rejected_file}",
+              file=sys.stderr)
+        return PREDICT_REJECTED_EXIT
+    return 0
+
+
 # these read their own files instead of a training config
-OWN_CONFIG_COMMANDS = {"experiment": cmd_experiment, "report": cmd_report}
+OWN_CONFIG_COMMANDS = {"experiment": cmd_experiment, "report": cmd_report, "export": cmd_export,
+                       "predict": cmd_predict}
 
 
 def cmd_shards(args, cfg) -> None:
@@ -86,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir", nargs="+", help="the experiment's run directory (experiment.out/experiment.name); "
                                                "more directories add their arms to the same tables, tagged")
     q.add_argument("--out", help="write report.md and figures/ here instead (e.g. docs/results/NAME)")
+    q = sub.add_parser("export", help="a training checkpoint -> a self-contained model directory")
+    q.add_argument("--checkpoint", required=True, help="checkpoint directory or s3:// URL")
+    q.add_argument("--out", required=True, help="the model directory to create (local or s3://)")
+    q.add_argument("--shards", help="the run's shard set, if it moved since training")
+    q.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    q = sub.add_parser("predict", help="predicted ln IC50 of compounds x cell lines from exported models")
+    q.add_argument("--model", action="append", required=True,
+                   help="exported model directory (cldr export); repeat for an ensemble (mean and std)")
+    q.add_argument("--smiles", action="append", default=[], help="a compound's SMILES (repeatable)")
+    q.add_argument("--drug", action="append", default=[], help="a training drug by its id (repeatable)")
+    q.add_argument("--compounds", help="CSV with columns id, smiles (empty smiles: a training drug id); "
+                                       "local, or s3:// with --ray")
+    q.add_argument("--cells", help="all (default: the model's training cell lines) or ID,ID,...")
+    q.add_argument("--cell-table", help="new cell lines: a CSV in the cell_lines.csv format, features matched by name")
+    q.add_argument("--missing-features", default="error", choices=["error", "zero"],
+                   help="model feature columns the cell table lacks: an error (default) or filled with 0")
+    q.add_argument("--out", required=True, help=".csv or .parquet file (local or s3://); with --ray a directory")
+    q.add_argument("--rejected", help="CSV of rejected inputs (default: beside --out)")
+    q.add_argument("--zeroshot", default="auto", choices=["auto", "on", "off"],
+                   help="zero-shot predictions (CLDR-pretrained models; costly): auto = on for those, off under --ray")
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--pairs-per-step", type=int, default=16_384, help="pairs through the fusion layers at once")
+    q.add_argument("--compounds-per-task", type=int, default=256, help="compounds read (and with --ray, per task) at once")
+    q.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline writing parquet parts under --out")
+    q.add_argument("--workers", type=int, default=2, help="--ray: prediction actors (each loads the models once)")
+    q.add_argument("--address", help="--ray: the cluster to join (default: a local Ray instance)")
+    q.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -93,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in OWN_CONFIG_COMMANDS:
-            OWN_CONFIG_COMMANDS[args.command](args)
-            return 0
+            return OWN_CONFIG_COMMANDS[args.command](args) or 0
         cfg = load_config(args.config, args.overrides)
         storage.set_endpoint(cfg.storage.endpoint_url)
         if args.command not in COMMANDS:

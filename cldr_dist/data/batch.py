@@ -115,7 +115,26 @@ def _expand_graphs(drug: GraphBatch, index: torch.Tensor) -> GraphBatch:
     return out
 
 
-def _pad(seqs: list[np.ndarray], length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def graph_batch(graphs: list[tuple[np.ndarray, np.ndarray]]) -> GraphBatch:
+    """(atoms (n, 90), edge_index (2, e)) per drug -> one PyG batch, graph g = graphs[g]."""
+    xs, edges, graph_of_atom, n_atoms = [], [], [], 0
+    for g, (atoms, edge_index) in enumerate(graphs):
+        xs.append(atoms)
+        edges.append(edge_index + n_atoms)
+        graph_of_atom.append(np.full(len(atoms), g, dtype=np.int64))
+        n_atoms += len(atoms)
+    sizes = np.array([len(a) for a in xs], dtype=np.int64)
+    drug = GraphBatch(
+        x=torch.from_numpy(np.concatenate(xs).astype(np.float32)),
+        edge_index=torch.from_numpy(np.concatenate(edges, axis=1).astype(np.int64)),
+        batch=torch.from_numpy(np.concatenate(graph_of_atom)),
+        ptr=torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)])),
+    )
+    drug._num_graphs = len(graphs)
+    return drug
+
+
+def pad_sequences(seqs: list[np.ndarray], length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     width = int(lens.max()) if length is None else length
     out = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
@@ -158,29 +177,14 @@ def collate(samples: list[dict], tables: FeatureTables,
     unique_drugs, drug_index = np.unique(drug_rows, return_inverse=True)
     unique_cells, cell_index = np.unique(cell_rows, return_inverse=True)
 
-    xs, edges, graph_of_atom, n_atoms = [], [], [], 0
-    for g, d in enumerate(unique_drugs):
-        atoms, edge_index = tables.drug_graph(int(d))
-        xs.append(atoms)
-        edges.append(edge_index + n_atoms)
-        graph_of_atom.append(np.full(len(atoms), g, dtype=np.int64))
-        n_atoms += len(atoms)
-    sizes = np.array([len(a) for a in xs], dtype=np.int64)
-    drug = GraphBatch(
-        x=torch.from_numpy(np.concatenate(xs).astype(np.float32)),
-        edge_index=torch.from_numpy(np.concatenate(edges, axis=1).astype(np.int64)),
-        batch=torch.from_numpy(np.concatenate(graph_of_atom)),
-        ptr=torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)])),
-    )
-    drug._num_graphs = len(unique_drugs)
-
-    smiles, _ = _pad([tables.smiles_codes(int(d)) for d in unique_drugs], None)
+    drug = graph_batch([tables.drug_graph(int(d)) for d in unique_drugs])
+    smiles, _ = pad_sequences([tables.smiles_codes(int(d)) for d in unique_drugs], None)
     number_index = np.array([s["meta"]["number"] for s in samples], dtype=np.int64)
-    caption, caption_len = _pad([s["caption"] for s in samples], caption_pad_to)
-    number, number_len = _pad([tables.number_tokens(int(i)) for i in number_index], number_pad_to)
+    caption, caption_len = pad_sequences([s["caption"] for s in samples], caption_pad_to)
+    number, number_len = pad_sequences([tables.number_tokens(int(i)) for i in number_index], number_pad_to)
     caption_wp = caption_wp_len = None
     if wordpieces is not None:
-        caption_wp, caption_wp_len = _pad([wordpieces.ids(d, c) for d, c in zip(drug_rows, cell_rows)], None)
+        caption_wp, caption_wp_len = pad_sequences([wordpieces.ids(d, c) for d, c in zip(drug_rows, cell_rows)], None)
     return DRPBatch(
         drug=drug,
         drug_index=torch.from_numpy(drug_index.astype(np.int64)),

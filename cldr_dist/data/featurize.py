@@ -19,6 +19,11 @@ ATOM_FEATURE_DIM = len(SYMBOLS) + 3 * len(SMALL_COUNTS) + 1 + len(FORMAL_CHARGES
 assert ATOM_FEATURE_DIM == 90
 
 
+# Bumped whenever atom_features, smiles_to_graph or smiles_codes change what they return: an
+# exported model records it, and prediction refuses a model featurised differently.
+FEATURIZER_VERSION = "atoms90-v1"
+
+
 class FeaturizationError(ValueError):
     pass
 

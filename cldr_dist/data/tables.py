@@ -166,7 +166,7 @@ def _load_drugs(path: Path, drugs_df: pd.DataFrame, bad: list[BadRow], max_smile
     return drugs
 
 
-def _load_cells(path: Path, bad: list[BadRow]):
+def load_cells(path: Path, bad: list[BadRow]):
     """Usable cell lines (unique non-empty id, every genomic feature a finite number), read in
     chunks: (ids, names, uint8 features, feature names). A cell costs its id, name and F bytes."""
     reject = _Rejects(bad, path)
@@ -221,7 +221,7 @@ def load_tables(data_dir: str | Path, max_smiles_chars: int = MAX_SMILES_CHARS,
     bad: list[BadRow] = []
     drugs = _load_drugs(paths["drugs"], drugs_df, bad, max_smiles_chars)
     del drugs_df
-    cell_ids, cell_names, cell_features, feature_names = _load_cells(paths["cell_lines"], bad)
+    cell_ids, cell_names, cell_features, feature_names = load_cells(paths["cell_lines"], bad)
     responses = _load_responses(paths["responses"], bad, [d.drug_id for d in drugs], cell_ids, max_abs_ln_ic50)
     if len(responses) == 0:
         raise DataError(f"{paths['responses']}: no usable rows ({len(bad)} bad rows)")

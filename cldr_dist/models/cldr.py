@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cldr_dist.config import LossConfig, ModelConfig
+from cldr_dist.config import Config, LossConfig, ModelConfig
 from cldr_dist.data.batch import DRPBatch
 from cldr_dist.models.drp.base import build_drp
 from cldr_dist.models.text import TextEncoder
@@ -78,6 +78,12 @@ class CLDRModel(nn.Module):
         """Every caption of the batch with every number text: (B, K, D), L2-normalised."""
         caption = self.text.encode_captions(batch)
         return F.normalize(self.text.fuse(caption[:, None, :], number_feats[None, :, :]), dim=-1)
+
+
+def model_for_data(cfg: Config, vocab_size: int, num_cell_features: int) -> CLDRModel:
+    """The run's model for a shard set's tokenizer and cell features (training, export, predict)."""
+    return build_model(cfg.model, cfg.loss, vocab_size=vocab_size, num_cell_features=num_cell_features,
+                       text_buckets=cfg.model.text_buckets, dedup_numbers=cfg.model.dedup_numbers)
 
 
 def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int,

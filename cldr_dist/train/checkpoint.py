@@ -78,9 +78,9 @@ def model_weights(objective_state: dict) -> dict:
     return {k[len("model."):]: v for k, v in objective_state.items() if k.startswith("model.")}
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint_url: str) -> None:
+def load_model_weights(model: torch.nn.Module, checkpoint_url: str) -> str:
     """Model weights from a checkpoint directory (local or s3://) written by the loop: the best
-    validation epoch's where the checkpoint has them, else its step's."""
+    validation epoch's where the checkpoint has them, else its step's. Returns the file read."""
     base = checkpoint_url.rstrip("/")
     url = storage.join(base, BEST_MODEL_FILE)
     if not storage.exists(url):
@@ -89,6 +89,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint_url: str) -> None:
     missing, unexpected = model.load_state_dict(model_weights(state), strict=False)
     if missing or unexpected:
         raise storage.StorageError(f"{url}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return url
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:

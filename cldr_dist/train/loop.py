@@ -21,7 +21,7 @@ from cldr_dist.config import Config, TrainConfig, config_from_dict
 from cldr_dist.data import storage
 from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, fits_in_memory, make_loader, open_shards
 from cldr_dist.eval.metrics import all_metrics
-from cldr_dist.models.cldr import CLDRModel, build_model
+from cldr_dist.models.cldr import CLDRModel, model_for_data
 from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_state_dict, load_model_weights,
                                         model_weights, restore_checkpoint, save_checkpoint)
 from cldr_dist.train.device import select_accelerator
@@ -34,9 +34,7 @@ FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the 
 # ----------------------------------------------------------------------------- building
 
 def make_model(cfg: Config, shards: ShardSet) -> CLDRModel:
-    return build_model(cfg.model, cfg.loss, vocab_size=shards.manifest["tokenizer"]["vocab_size"],
-                       num_cell_features=shards.features.num_cell_features,
-                       text_buckets=cfg.model.text_buckets, dedup_numbers=cfg.model.dedup_numbers)
+    return model_for_data(cfg, shards.manifest["tokenizer"]["vocab_size"], shards.features.num_cell_features)
 
 
 def uses_bf16(train: TrainConfig, use_gpu: bool) -> bool:

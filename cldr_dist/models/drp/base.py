@@ -7,7 +7,9 @@ A base model maps a DRPBatch to (prediction, embedding):
 Entity-level step: the drug branch encodes each distinct drug of the batch once (batch.drug /
 batch.smiles), the cell branch each distinct cell line once (batch.cell), and FusionHead's first
 layer multiplies each of them once too; only the layers after it run per pair, through
-batch.drug_index / batch.cell_index. Run on batch.per_pair(), the same model is the per-pair
+batch.drug_index / batch.cell_index. Each model exposes its two branches as
+encode_drugs(graphs, smiles) -> (U, 128) and encode_cells(cell) -> (V, 128), and `head`, so
+prediction (cldr_dist/inference) encodes a screen's cell lines once. Run on batch.per_pair(), the same model is the per-pair
 computation (the reference the tests compare with).
 """
 from __future__ import annotations
@@ -27,7 +29,11 @@ FUSION_HIDDEN = 1024  # GraphDRP's hidden width between the concatenation and th
 
 
 class DRPModel(Protocol):
+    head: "FusionHead"
+
     def __call__(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def encode_drugs(self, graphs, smiles: torch.Tensor) -> torch.Tensor: ...
+    def encode_cells(self, cell: torch.Tensor) -> torch.Tensor: ...
 
 
 class FusionHead(nn.Module):
@@ -48,13 +54,23 @@ class FusionHead(nn.Module):
 
     def entity_parts(self, drug: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fc1's drug part (U, 1024), bias included, and cell part (V, 1024)."""
-        w_drug, w_cell = self.fc1.weight.split(self.split, dim=1)
-        return F.linear(drug, w_drug, self.fc1.bias), F.linear(cell, w_cell)
+        return self.drug_part(drug), self.cell_part(cell)
+
+    def drug_part(self, drug: torch.Tensor) -> torch.Tensor:
+        return F.linear(drug, self.fc1.weight[:, :self.split[0]], self.fc1.bias)
+
+    def cell_part(self, cell: torch.Tensor) -> torch.Tensor:
+        return F.linear(cell, self.fc1.weight[:, self.split[0]:])
 
     def forward(self, drug: torch.Tensor, cell: torch.Tensor, drug_index: torch.Tensor,
                 cell_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """drug (U, drug_dim), cell (V, cell_dim): distinct entities; *_index (B,): each pair's rows."""
-        drug_part, cell_part = self.entity_parts(drug, cell)
+        return self.pairs(*self.entity_parts(drug, cell), drug_index, cell_index)
+
+    def pairs(self, drug_part: torch.Tensor, cell_part: torch.Tensor, drug_index: torch.Tensor,
+              cell_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-pair layers from entity_parts' rows: prediction (B,), embedding (B, embed_dim).
+        Prediction reuses cell parts computed once for every compound it screens."""
         h = self.drop(torch.relu(drug_part[drug_index] + cell_part[cell_index]))
         emb = self.fc2(h)
         pred = torch.sigmoid(self.out(self.drop(torch.relu(emb)))).squeeze(1)

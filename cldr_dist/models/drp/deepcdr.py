@@ -29,14 +29,21 @@ class DeepCDR(nn.Module):
                                   nn.Dropout(dropout), nn.Linear(CELL_HIDDEN, BRANCH_DIM))
         self.head = FusionHead(BRANCH_DIM, BRANCH_DIM, embed_dim, dropout)
 
-    def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        g, h = batch.drug, batch.drug.x
+    def encode_drugs(self, g, smiles: torch.Tensor) -> torch.Tensor:
+        """(U graphs) -> (U, 128); the SMILES codes are for SMILES models, unused here."""
+        h = g.x
         for gcn in self.gcns:
             h = torch.relu(gcn(h, g.edge_index))
         h = torch.cat([global_max_pool(h, g.batch, g.num_graphs),
                        global_mean_pool(h, g.batch, g.num_graphs)], dim=1)
-        drug = self.drug_fc(h)                  # (U, 128): unique drugs
-        cell = self.cell(batch.cell)            # (V, 128): unique cells
+        return self.drug_fc(h)
+
+    def encode_cells(self, cell: torch.Tensor) -> torch.Tensor:
+        return self.cell(cell)                  # (V, F) -> (V, 128)
+
+    def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        drug = self.encode_drugs(batch.drug, batch.smiles)   # (U, 128): unique drugs
+        cell = self.encode_cells(batch.cell)                 # (V, 128): unique cells
         return self.head(drug, cell, batch.drug_index, batch.cell_index)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch_geometric.data import Batch as GraphBatch
 from torch_geometric.nn import GATConv, GCNConv, global_max_pool, global_mean_pool
 
 from cldr_dist.config import ModelConfig
@@ -49,14 +50,20 @@ class GraphDRP(nn.Module):
         self.head = FusionHead(BRANCH_DIM, BRANCH_DIM, embed_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        g = batch.drug
+    def encode_drugs(self, g: GraphBatch, smiles: torch.Tensor) -> torch.Tensor:
+        """(U graphs) -> (U, 128); the SMILES codes are for SMILES models, unused here."""
         h = torch.relu(self.gat(g.x, g.edge_index))
         h = torch.relu(self.gcn(h, g.edge_index))
         h = torch.cat([global_max_pool(h, g.batch, g.num_graphs),
                        global_mean_pool(h, g.batch, g.num_graphs)], dim=1)
-        drug = self.drug_fc2(self.drop(torch.relu(self.drug_fc1(h))))   # (U, 128): unique drugs
-        cell = self.cell(batch.cell)                                     # (V, 128): unique cells
+        return self.drug_fc2(self.drop(torch.relu(self.drug_fc1(h))))
+
+    def encode_cells(self, cell: torch.Tensor) -> torch.Tensor:
+        return self.cell(cell)                                          # (V, F) -> (V, 128)
+
+    def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        drug = self.encode_drugs(batch.drug, batch.smiles)   # (U, 128): unique drugs
+        cell = self.encode_cells(batch.cell)                 # (V, 128): unique cells
         return self.head(drug, cell, batch.drug_index, batch.cell_index)
 
 

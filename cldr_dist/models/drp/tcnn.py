@@ -59,9 +59,16 @@ class TCNN(nn.Module):
                             pool=SMILES_POOL)
         self.head = FusionHead(BRANCH_DIM, BRANCH_DIM, embed_dim, dropout)
 
+    def encode_drugs(self, graphs, smiles: torch.Tensor) -> torch.Tensor:
+        """(U, Ls) SMILES codes -> (U, 128); the graphs are for graph models, unused here."""
+        return self.drug(smiles)
+
+    def encode_cells(self, cell: torch.Tensor) -> torch.Tensor:
+        return self.cell(cell)                  # (V, F) -> (V, 128)
+
     def forward(self, batch: DRPBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        drug = self.drug(batch.smiles)          # (U, 128): unique drugs
-        cell = self.cell(batch.cell)            # (V, 128): unique cells
+        drug = self.encode_drugs(batch.drug, batch.smiles)   # (U, 128): unique drugs
+        cell = self.encode_cells(batch.cell)                 # (V, 128): unique cells
         return self.head(drug, cell, batch.drug_index, batch.cell_index)
 
 
