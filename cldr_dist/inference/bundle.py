@@ -221,20 +221,29 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+def _read_checked(path: str, meta: dict, name: str) -> bytes:
+    try:
+        data = storage.read_bytes(storage.join(path, name))
+    except storage.StorageError as e:
+        raise BundleError(f"{path}: {e}") from None
+    if _sha256(data) != meta["files"][name]:
+        raise BundleError(f"{storage.join(path, name)}: checksum mismatch (truncated or altered)")
+    return data
+
+
+def read_training_tables(path: str) -> FeatureTables:
+    """The model's training drugs and cell lines (its features.npz), without loading the model."""
+    path = str(path).rstrip("/")
+    return FeatureTables.from_bytes(_read_checked(path, read_meta(path), FEATURES_FILE))
+
+
 def load_bundle(path: str, device: torch.device | str = "cpu") -> Bundle:
     """An exported model directory (local or s3://), checked file by file, ready to predict."""
     from safetensors.torch import load
 
     path = str(path).rstrip("/")
     meta = read_meta(path)
-    blobs = {}
-    for name in CONTENT_FILES:
-        try:
-            blobs[name] = storage.read_bytes(storage.join(path, name))
-        except storage.StorageError as e:
-            raise BundleError(f"{path}: {e}") from None
-        if _sha256(blobs[name]) != meta["files"][name]:
-            raise BundleError(f"{storage.join(path, name)}: checksum mismatch (truncated or altered)")
+    blobs = {name: _read_checked(path, meta, name) for name in CONTENT_FILES}
     cfg = config_from_dict(json.loads(blobs[CONFIG_FILE]))
     tables = FeatureTables.from_bytes(blobs[FEATURES_FILE])
     tokenizer_json = blobs[TOKENIZER_FILE].decode()

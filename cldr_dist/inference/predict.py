@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cldr_dist.data import storage
 from cldr_dist.data.tables import DataError
-from cldr_dist.inference.bundle import Bundle, load_bundle, read_meta
+from cldr_dist.inference.bundle import Bundle, load_bundle, read_meta, read_training_tables
 from cldr_dist.inference.inputs import (CellQuery, CompoundInput, Compounds, Rejected, align_features,
                                         featurize_compounds, read_cell_table, training_cells)
 from cldr_dist.inference.scoring import PairScorer
@@ -142,10 +142,8 @@ def cell_query(bundle_path: str, cells: str | None, cell_table: str | None) -> t
         raise DataError("give --cells or --cell-table, not both")
     if cell_table:
         return read_cell_table(cell_table)
-    from cldr_dist.data.features import FeatureTables
-    meta_tables = FeatureTables.from_bytes(storage.read_bytes(storage.join(bundle_path, "features.npz")))
     ids = None if (cells or "all") == "all" else [c.strip() for c in cells.split(",") if c.strip()]
-    return training_cells(meta_tables, ids), []
+    return training_cells(read_training_tables(bundle_path), ids), []
 
 
 # ----------------------------------------------------------------------------- outputs
