@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported model directory (cldr export); repeat for an ensemble (mean and std)")
     q.add_argument("--smiles", action="append", default=[], help="a compound's SMILES (repeatable)")
     q.add_argument("--drug", action="append", default=[], help="a training drug by its id (repeatable)")
-    q.add_argument("--compounds", help="CSV with columns id, smiles (empty smiles: a training drug id); "
-                                       "local, or s3:// with --ray")
+    q.add_argument("--compounds", help="CSV with columns id, smiles (empty smiles: a training drug id), "
+                                       "local or s3://")
     q.add_argument("--cells", help="all (default: the model's training cell lines) or ID,ID,...")
     q.add_argument("--cell-table", help="new cell lines: a CSV in the cell_lines.csv format, features matched by name")
     q.add_argument("--missing-features", default="error", choices=["error", "zero"],

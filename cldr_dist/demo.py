@@ -1,6 +1,6 @@
 """`make demo`: on the tiny data, 2 Ray workers with DeepSpeed ZeRO-2 on local storage,
 train the base model with MSE only, pretrain it with CLDR then finetune it, and print the test
-metrics side by side.
+metrics side by side; then export the CLDR model and predict a new compound on every cell line.
 
     python -m cldr_dist.demo --config configs/demo.yaml --finetune-config configs/demo_finetune.yaml
 """
@@ -80,7 +80,28 @@ def main(argv=None) -> int:
           f"(zero-shot PCC included) swing from run to run, even in sign. The experiment: docs/results/README.md")
     print(f"\nlogs and checkpoints under {pre.ray.storage_path}/ "
           f"({base.ray.name}, {pre.ray.name}, {fine.ray.name})")
+    predict_example(r_fine.checkpoint.path, f"{fine.ray.storage_path}/models/{fine.ray.name}")
     return 0
+
+
+EXAMPLE_SMILES = "CC(=O)Nc1ccc(O)cc1"   # paracetamol: a compound not in GDSC
+
+
+def predict_example(checkpoint: str, model_dir: str) -> None:
+    """`cldr export` of the finetuned checkpoint, then `cldr predict` of one new compound on
+    every cell line, as a user would run them."""
+    from cldr_dist.cli import main as cldr
+    out = f"{model_dir}-paracetamol.csv"
+    print(f"\n== export and predict: cldr export --checkpoint {checkpoint} --out {model_dir}")
+    if cldr(["export", "--checkpoint", checkpoint, "--out", model_dir]) != 0:
+        return
+    print(f"cldr predict --model {model_dir} --smiles '{EXAMPLE_SMILES}' --cells all --out {out}")
+    if cldr(["predict", "--model", model_dir, "--smiles", EXAMPLE_SMILES, "--cells", "all", "--out", out, "--quiet"]) != 0:
+        return
+    import pandas as pd
+    rows = pd.read_csv(out).sort_values("rank").head(3)
+    print("most sensitive cell lines (lowest predicted ln IC50):")
+    print(rows[["cell_name", "pred_ln_ic50", "rank"]].to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -184,19 +184,15 @@ def train_config(shards: str, storage_path: str, name: str, *overrides: str):
 
 def write_checkpoint(shards: str, out: Path, mode: str, seed: int, *overrides: str,
                      metrics: dict | None = None) -> str:
-    """A checkpoint directory in the training loop's own format (trainer_state.json with the
-    run's config, model.pt with the objective's `model.`-prefixed fp32 weights) holding a model
-    built for `shards` from `seed`, its weights moved off their initial values so that no
-    prediction is trivially constant. For tests of what reads checkpoints (export, evaluate)
+    """A model-only checkpoint (checkpoint.save_model_checkpoint) of demo.yaml's model for
+    `shards`, built from `seed` with its weights moved off their initial values so that no
+    prediction is trivially constant: for tests of what reads checkpoints (export, evaluate)
     without the minute a Ray training run costs."""
-    import json
-    from dataclasses import asdict
-
     import torch
 
     from cldr_dist.config import load_config
     from cldr_dist.data.reader import open_shards
-    from cldr_dist.train.checkpoint import MODEL_FILE, STATE_FILE, TrainState
+    from cldr_dist.train.checkpoint import save_model_checkpoint
     from cldr_dist.train.loop import make_model
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={shards}", f"train.mode={mode}",
                                                        f"train.seed={seed}", *overrides])
@@ -205,8 +201,4 @@ def write_checkpoint(shards: str, out: Path, mode: str, seed: int, *overrides: s
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out.mkdir(parents=True)
-    torch.save({f"model.{k}": v for k, v in model.state_dict().items()}, out / MODEL_FILE)
-    state = TrainState(epoch=1, step=10, config=cfg.to_dict(), metrics={"done": True, **(metrics or {})})
-    (out / STATE_FILE).write_text(json.dumps(asdict(state)))
-    return str(out)
+    return save_model_checkpoint(out, cfg.to_dict(), model, metrics)

@@ -11,6 +11,8 @@ either refuses the missing ones in one line or, when asked, fills them with 0 an
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cldr_dist.data import storage
 from cldr_dist.data.features import FeatureTables
 from cldr_dist.data.featurize import FeaturizationError, smiles_codes, smiles_to_graph
 from cldr_dist.data.tables import (CELL_META_COLUMNS, MAX_SMILES_CHARS, DataError, iter_table,
@@ -66,9 +69,17 @@ def command_line_compounds(smiles: list[str], drug_ids: list[str]) -> list[Compo
             + [CompoundInput("--drug", i + 1, d, "") for i, d in enumerate(drug_ids)])
 
 
-def iter_compound_file(path: str | Path, chunk_rows: int) -> Iterator[list[CompoundInput]]:
-    """The compounds CSV, chunk_rows at a time: the library is never in memory at once."""
-    path = Path(path)
+def iter_compound_file(url: str, chunk_rows: int) -> Iterator[list[CompoundInput]]:
+    """The compounds CSV (local or s3://), chunk_rows at a time: the library is never in
+    memory at once (an s3:// file is copied to a local temporary file first)."""
+    if storage.is_s3(url):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(url).name
+            with storage.open_read(url) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            yield from iter_compound_file(str(local), chunk_rows)
+        return
+    path = Path(url)
     if not path.is_file():
         raise DataError(f"compounds file not found: {path}")
     for start, chunk in iter_table(path, COMPOUND_COLUMNS, chunk_rows):

@@ -321,7 +321,8 @@ def predict_ray(spec: ScreenSpec, compounds_url: str | None, inline: list[Compou
     try:
         ds = compound_dataset(compounds_url, inline).map_batches(
             ScreenWorker, fn_constructor_kwargs={"spec": spec, "plan": plan, "out": out},
-            batch_size=compounds_per_task, batch_format="pandas", concurrency=workers, num_cpus=1)
+            batch_size=compounds_per_task, batch_format="pandas", concurrency=workers, num_cpus=1,
+            num_gpus=1 if spec.device.startswith("cuda") else 0)
         results = pd.concat(list(ds.iter_batches(batch_format="pandas")), ignore_index=True)
     finally:
         if started:

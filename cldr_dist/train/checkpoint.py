@@ -161,6 +161,18 @@ def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: i
     return {"checkpoint_s": seconds, "checkpoint_mb": size_mb}
 
 
+def save_model_checkpoint(out: str | Path, config: dict, model: torch.nn.Module, metrics: dict | None = None) -> str:
+    """A checkpoint holding only a model (model.pt, trainer_state.json; no DeepSpeed or RNG
+    state): what `cldr evaluate` and `cldr export` read, not resumable. For models made outside
+    a training run (benchmarks of prediction, tests of export)."""
+    out = Path(out)
+    out.mkdir(parents=True)
+    torch.save({f"model.{k}": v for k, v in model.state_dict().items()}, out / MODEL_FILE)
+    state = TrainState(config=config, metrics={"done": True, **(metrics or {})})
+    (out / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    return str(out)
+
+
 # ----------------------------------------------------------------------------- checking
 
 def checkpoint_problem(fs, path: str, zero_stage: int) -> str | None:
