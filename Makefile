@@ -73,6 +73,7 @@ bench: setup
 	$(PY) benchmarks/bench_shards.py --data $(DATA)
 	$(PY) benchmarks/bench_models.py --quick
 	$(PY) benchmarks/bench_job_submit.py --repeat 1
+	$(PY) benchmarks/bench_predict.py --quick
 
 clean:
 	rm -rf shards/tiny shards/gdsc_v17 runs .pytest_cache

@@ -4,14 +4,15 @@
     python benchmarks/bench_predict.py --quick    # 1k-compound library, RSS at 1k/3k/10k
 
 Measures, each run a `cldr predict` command in its own process:
-  - one compound x all cell lines: latency and pairs/s (model load and cell encoding included);
+  - one compound x all cell lines: as a command (model load and cell encoding included), and
+    warm (the model loaded once, 20 requests in this process): latency and pairs/s;
   - a library x all cell lines, on one process and as a Ray Data screen of 2 workers (Ray start
     included): pairs/s;
   - peak RSS of one process against library size, the cell lines cut to 10 so that the largest
     library stays ~1M pairs: memory should be flat in the number of compounds.
 The model has freshly initialised weights (speed does not depend on their values). The library
 holds randomised SMILES of the 248 GDSC drugs: distinct strings, molecules of realistic size.
-Results: docs/results/bench_predict.json and docs/benchmarks_predict.md.
+Results: docs/results/bench_predict.json (--quick: bench_predict_quick.json), docs/benchmarks_predict.md.
 """
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def run_predict(argv: list[str]) -> dict:
             "peak_rss_mib": round(own["peak_rss_mib"], 1)}
 
 
+def warm_latency(model: str, smiles: str, repeats: int = 20) -> dict:
+    """One compound x all cell lines with the model already loaded (a service answering one
+    request): median milliseconds and pairs/s over `repeats` requests, in this process."""
+    import statistics
+
+    from cldr_dist.inference.bundle import read_training_tables
+    from cldr_dist.inference.inputs import command_line_compounds, training_cells
+    from cldr_dist.inference.predict import Screen, ScreenSpec, plan_screen
+    spec = ScreenSpec([model], training_cells(read_training_tables(model)), zeroshot="off")
+    screen = Screen(spec, plan_screen(spec))
+    seconds = []
+    for _ in range(repeats + 1):   # the first request warms up
+        t0 = time.perf_counter()
+        frames, _ = screen.predict(command_line_compounds([smiles], []))
+        pairs = sum(len(f) for f in frames)
+        seconds.append(time.perf_counter() - t0)
+    median = statistics.median(seconds[1:])
+    return {"pairs": pairs, "median_ms": round(1000 * median, 1), "pairs_per_s": round(pairs / median)}
+
+
 def make_library(path: Path, n: int, smiles: list[str], seed: int = 0) -> None:
     """n randomised SMILES of the given molecules, as a compounds CSV (id, smiles)."""
     import numpy as np
@@ -71,8 +92,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1k-compound library; RSS at 1k, 3k, 10k")
     p.add_argument("--shards", default="", help="full-GDSC shards (built into a temp dir if empty)")
-    p.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_predict.json"))
+    p.add_argument("--out", default="", help="default: docs/results/bench_predict[_quick].json")
     args = p.parse_args(argv)
+    args.out = args.out or str(REPO / "docs" / "results" / f"bench_predict{'_quick' if args.quick else ''}.json")
 
     import torch
 
@@ -114,6 +136,8 @@ def main(argv=None) -> int:
     one = run_predict(["--model", model, "--smiles", smiles[0], "--cells", "all", "--zeroshot", "off",
                        "--out", str(work / "one.csv")])
     record("one_compound_all_cells", one)
+
+    record("one_compound_all_cells_warm", warm_latency(model, smiles[0]))
 
     lib = work / f"library_{library_size}.csv"
     make_library(lib, library_size, smiles)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cldr_dist.data import storage
 from cldr_dist.data.tables import DataError
 from cldr_dist.inference.bundle import Bundle, load_bundle, read_meta, read_training_tables
-from cldr_dist.inference.inputs import (CellQuery, CompoundInput, Compounds, Rejected, align_features,
+from cldr_dist.inference.inputs import (CellQuery, CompoundInput, Rejected, align_features,
                                         featurize_compounds, read_cell_table, training_cells)
 from cldr_dist.inference.scoring import PairScorer
 

@@ -59,12 +59,13 @@ class PairScorer:
         smiles, _ = pad_sequences(compounds.codes, None)
         drug = self.drp.encode_drugs(graphs, smiles.to(self.device))
         drug_part = self.drp.head.drug_part(drug)                                   # (U, 1024)
-        drug_index = torch.arange(U, device=self.device).repeat_interleave(V)
-        cell_index = torch.arange(V, device=self.device).repeat(U)
-        y, emb = self.drp.head.pairs(drug_part, self.cell_part, drug_index, cell_index)
-        out = {"y": y.float().cpu().numpy().reshape(U, V)}
+        y, emb = self.drp.head.grid(drug_part, self.cell_part)                     # (U, V), (U, V, E)
+        out = {"y": y.float().cpu().numpy()}
         if self.zeroshot:
-            out["zeroshot_y"] = self._zeroshot(compounds, F.normalize(emb, dim=-1), drug_index, cell_index).reshape(U, V)
+            drug_index = torch.arange(U, device=self.device).repeat_interleave(V)
+            cell_index = torch.arange(V, device=self.device).repeat(U)
+            sample = F.normalize(emb.reshape(U * V, -1), dim=-1)
+            out["zeroshot_y"] = self._zeroshot(compounds, sample, drug_index, cell_index).reshape(U, V)
         return out
 
     def _zeroshot(self, compounds: Compounds, sample: torch.Tensor, drug_index: torch.Tensor,

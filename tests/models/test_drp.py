@@ -46,3 +46,23 @@ def test_mse_gradients_reach_every_parameter(name, tiny_batch, tiny_prepared):
 def test_unknown_model_is_an_error(tiny_prepared):
     with pytest.raises(ValueError, match="unknown base model"):
         build_drp(ModelConfig(drp="nope"), tiny_prepared[1].num_cell_features)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_grid_of_every_pair_equals_the_model_on_those_pairs(name, tiny_batch, tiny_prepared):
+    """The screen's path (branches once, FusionHead.grid over drugs x cells) is the model's
+    forward pass on the batch of all those pairs, value for value."""
+    model = _build(name, tiny_prepared[1]).eval()
+    b = tiny_batch
+    U, V = b.drug.num_graphs, len(b.cell)
+    with torch.no_grad():
+        drug = model.head.drug_part(model.encode_drugs(b.drug, b.smiles))
+        cell = model.head.cell_part(model.encode_cells(b.cell))
+        pred, emb = model.head.grid(drug, cell)
+        every = b.select(torch.zeros(U * V, dtype=torch.long))
+        every.drug_index = torch.arange(U).repeat_interleave(V)
+        every.cell_index = torch.arange(V).repeat(U)
+        ref_pred, ref_emb = model(every)
+    assert pred.shape == (U, V) and emb.shape == (U, V, 256)
+    torch.testing.assert_close(pred.reshape(-1), ref_pred, rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb.reshape(U * V, -1), ref_emb, rtol=0, atol=1e-5)

@@ -76,6 +76,15 @@ class FusionHead(nn.Module):
         pred = torch.sigmoid(self.out(self.drop(torch.relu(emb)))).squeeze(1)
         return pred, emb
 
+    def grid(self, drug_part: torch.Tensor, cell_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pairs` over every (drug, cell) of U drugs x V cells: prediction (U, V), embedding
+        (U, V, embed_dim). The same arithmetic, without materialising the two gathered (U*V, 1024)
+        operands: a screen's per-pair cost is this sum, fc2 and the output layer."""
+        h = self.drop(torch.relu_(drug_part[:, None, :] + cell_part[None, :, :]))
+        emb = self.fc2(h)
+        pred = torch.sigmoid(self.out(self.drop(torch.relu(emb)))).squeeze(-1)
+        return pred, emb
+
 
 def conv_out_len(length: int | torch.Tensor, kernel: int, pool: int):
     """Length after a valid Conv1d(kernel) and MaxPool1d(pool) (floor), as PyTorch computes it."""
