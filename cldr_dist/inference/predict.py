@@ -317,6 +317,9 @@ def predict_ray(spec: ScreenSpec, compounds_url: str | None, inline: list[Compou
     if spec.zeroshot == "auto":   # zero-shot costs ~1000x a prediction: a screen asks for it explicitly
         spec = replace(spec, zeroshot="off")
     plan = plan_screen(spec)
+    fs = storage.filesystem(out)
+    if fs.exists(out) and fs.ls(out):   # parts of another screen would mix with this one's
+        raise DataError(f"--out {out} is not empty; a --ray screen writes its parts into a new directory")
     started = _ensure_ray(address, workers)
     try:
         ds = compound_dataset(compounds_url, inline).map_batches(

@@ -123,7 +123,10 @@ def test_user_mistakes_are_one_line(models, tmp_path, capsys):
         (["--model", models[0], "--smiles", "CCO", "--cells", "nope", "--out", str(tmp_path / "a.csv")], "nope"),
         (["--model", models[0], "--smiles", "CCO", "--zeroshot", "on", "--out", str(tmp_path / "a.csv")], "MSE-only"),
         (["--model", models[0], "--compounds", str(tmp_path / "none.csv"), "--out", str(tmp_path / "a.csv")], "not found"),
+        (["--model", models[0], "--smiles", "CCO", "--ray", "--out", str(tmp_path / "screen")], "not empty"),
     ]
+    (tmp_path / "screen").mkdir()
+    (tmp_path / "screen" / "part-0.parquet").write_bytes(b"")
     for argv, words in cases:
         assert _predict(*argv) == 2, argv
         err = capsys.readouterr().err.strip()
