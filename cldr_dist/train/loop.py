@@ -26,7 +26,7 @@ from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_stat
                                         model_weights, restore_checkpoint, save_checkpoint)
 from cldr_dist.train.device import select_accelerator
 from cldr_dist.train.runlog import RunLog
-from cldr_dist.train.schedule import SELECT_METRIC, is_better, lr_at, scaled_lr
+from cldr_dist.train.schedule import SELECT_METRIC, lr_at, scaled_lr, takes_selection
 
 FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the last rank dies once at STEP
 
@@ -237,8 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
         """Keeps the weights of the best validation epoch and counts the epochs since."""
         nonlocal best_weights
         score = metrics.get(select_key)
-        if score is None or math.isnan(score) or is_better(score, state.best_score, lower_is_better):
-            # no score (zero-shot off, or a constant prediction): the newest weights stand
+        if takes_selection(score, state.best_score, lower_is_better):
             state.best_score = None if score is None or math.isnan(score) else score
             state.best_epoch, state.stale_epochs, best_weights = state.epoch, 0, weights
         else:

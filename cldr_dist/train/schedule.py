@@ -44,3 +44,12 @@ def is_better(score: float, best: float | None, lower_is_better: bool) -> bool:
     if best is None:
         return True
     return score < best if lower_is_better else score > best
+
+
+def takes_selection(score: float | None, best: float | None, lower_is_better: bool) -> bool:
+    """Whether an epoch with validation `score` becomes the selected one. An epoch without a
+    score (None, or NaN from a constant prediction) is selected only while no epoch has had
+    one, so the newest weights stand; it never displaces a scored best."""
+    if score is None or math.isnan(score):
+        return best is None
+    return is_better(score, best, lower_is_better)

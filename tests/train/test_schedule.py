@@ -2,7 +2,7 @@
 import pytest
 
 from cldr_dist.config import ConfigError, load_config
-from cldr_dist.train.schedule import is_better, lr_at, scaled_lr
+from cldr_dist.train.schedule import is_better, lr_at, scaled_lr, takes_selection
 
 
 def test_warmup_rises_linearly_to_the_peak():
@@ -55,3 +55,15 @@ def test_is_better_respects_the_metric_direction():
 def test_bad_training_settings_name_their_key(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, [override])
+
+
+def test_an_epoch_without_a_score_never_displaces_a_scored_best():
+    nan = float("nan")
+    # no epoch scored yet: the newest weights stand
+    assert takes_selection(None, None, lower_is_better=False) and takes_selection(nan, None, lower_is_better=False)
+    # a scored best stays against a constant prediction's NaN or a missing score
+    assert not takes_selection(nan, 0.3, lower_is_better=False)
+    assert not takes_selection(None, 0.02, lower_is_better=True)
+    # the first real score after unscored epochs is selected
+    assert takes_selection(0.1, None, lower_is_better=False)
+    assert takes_selection(0.4, 0.3, lower_is_better=False) and not takes_selection(0.2, 0.3, lower_is_better=False)
