@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="GraphDRP finetune and pretrain only, epochs derived")
     p.add_argument("--shards", default="", help="full-GDSC shards with the mixed split (built into a temp dir if empty)")
     p.add_argument("--steps", type=int, default=2, help="W: log window in optimizer steps (runs are 2W steps)")
+    p.add_argument("--modes", default="finetune,pretrain",
+                   help="--quick: the modes to measure (pretrain alone: its speedup, without the distributed check)")
     p.add_argument("--out", default="bench_throughput.json", help="JSON file for the results")
     args = p.parse_args(argv)
     out_path = Path(args.out).resolve()
@@ -131,20 +133,23 @@ def main(argv=None) -> int:
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         out_path.write_text(json.dumps(report, indent=1))
 
+    modes = args.modes.split(",")
     for mode, drp, encoding, batch in QUICK + ([] if args.quick else FULL_EXTRA):
-        report["runs"].append(measure(shards, runs, mode, drp, encoding, batch, args.steps))
-        save()
-    for workers, threads in ((1, 2), (2, 1)):
-        report["distributed"].append(measure(shards, runs, "finetune", "graphdrp", "entity", DIST_BATCH,
-                                             args.steps, workers, threads))
-        save()
+        if mode in modes:
+            report["runs"].append(measure(shards, runs, mode, drp, encoding, batch, args.steps))
+            save()
+    if "finetune" in modes:
+        for workers, threads in ((1, 2), (2, 1)):
+            report["distributed"].append(measure(shards, runs, "finetune", "graphdrp", "entity", DIST_BATCH,
+                                                 args.steps, workers, threads))
+            save()
 
     def rate(mode, drp, encoding, batch=None) -> list[dict]:
         return [r for r in report["runs"] if r["mode"] == mode and r["drp"] == drp and r["encoding"] == encoding
                 and (batch is None or r["global_batch"] == batch)]
 
     summary = {}
-    for mode in ("finetune", "pretrain"):
+    for mode in modes:
         today = rate(mode, "graphdrp", "drugs_only", TODAY_BATCH)[0]["samples_per_s"]
         best = max(rate(mode, "graphdrp", "entity"), key=lambda r: r["samples_per_s"])
         summary[f"{mode}_speedup"] = round(best["samples_per_s"] / today, 2)
@@ -152,8 +157,9 @@ def main(argv=None) -> int:
         summary[f"epoch_s_{mode}"] = round(train_samples / best["samples_per_s"], 1)
         if not args.quick:
             summary[f"epoch_wall_s_{mode}"] = round(epoch_run(shards, runs, mode, "graphdrp", best["global_batch"]), 1)
-    one, two = report["distributed"]
-    summary["distributed_overhead"] = round(one["samples_per_s"] / two["samples_per_s"], 3)
+    if report["distributed"]:
+        one, two = report["distributed"]
+        summary["distributed_overhead"] = round(one["samples_per_s"] / two["samples_per_s"], 3)
     report["summary"] = summary
     save()
     print(json.dumps(summary))

@@ -33,6 +33,10 @@ MLP_WIDTHS = (256, 512, 512, 256)
 MLP_RATIO = 4                # CLIP's feed-forward width = 4 x width
 QUICK_GELU = 1.702           # CLIP's activation: x * sigmoid(1.702 x)
 EMBED_STD = 0.02             # CLIP's token and position embedding init
+# pairs of one drug whose suffixes attend to its prefix together: a block gathers the prefix's
+# keys and values once (per pair, that copy was a third of a pretraining step); a larger block
+# attends over more masked-out positions and pads more pairs
+PAIRS_PER_BLOCK = 8
 
 
 def fusion_mlp() -> nn.Sequential:
@@ -73,18 +77,61 @@ class Block(nn.Module):
                             (self.fc1, (2 * width) ** -0.5), (self.fc2, depth_std)):
             _normal_(linear, std)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x (N, T, W) -> (x', (k, v)) with this block's keys and values (N, heads, T, W/heads).
-        past: keys and values of earlier positions, each query sees them where `mask` allows;
-        mask None is plain causal attention over x alone."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x (N, T, W) -> (x', (k, v)): causal attention over x, and this block's keys and
+        values (N, heads, T, W/heads), which a drug's prefix keeps for its pairs' suffixes."""
         n, t, w = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.out(a.transpose(1, 2).reshape(n, t, w))
         h = self.fc1(self.ln2(x))
         return x + self.fc2(h * torch.sigmoid(QUICK_GELU * h)), (k, v)
+
+    def forward_pairs(self, x: torch.Tensor, prefix_kv: tuple[torch.Tensor, torch.Tensor],
+                      layout: "PairBlocks") -> torch.Tensor:
+        """x (n, t, W): pairs' own tokens, each pair seeing its drug's prefix keys and values
+        (prefix_kv, (G, heads, P, W/heads)) and its own tokens causally. Token-wise layers run
+        per pair; attention runs per block of up to c pairs of one drug, which gathers a
+        drug's prefix keys and values once per block instead of once per pair."""
+        n, t, w = x.shape
+        qkv = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, w // self.heads)
+        blocks = qkv.new_zeros(layout.num_blocks * layout.size, t, 3, self.heads, w // self.heads)
+        blocks[layout.row] = qkv
+        q, k, v = blocks.view(layout.num_blocks, layout.size * t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        keys = torch.cat([prefix_kv[0][layout.drug], k], 2)
+        values = torch.cat([prefix_kv[1][layout.drug], v], 2)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask)   # (B, heads, c*t, W/heads)
+        a = a.transpose(1, 2).reshape(layout.num_blocks * layout.size, t, w)[layout.row]
+        x = x + self.out(a)
+        h = self.fc1(self.ln2(x))
+        return x + self.fc2(h * torch.sigmoid(QUICK_GELU * h))
+
+
+class PairBlocks:
+    """Pairs grouped into blocks of at most `size` pairs of one drug, for attention against that
+    drug's shared prefix: row (n,) each pair's row in the (blocks x size) layout, drug (B,) each
+    block's drug, mask (B, 1, size*t, P + size*t): a pair's tokens see its drug's prefix up to
+    its start and its own tokens causally, nothing of the block's other pairs. Empty rows (a
+    drug's last block not full) see their own tokens only, so no attention row is empty."""
+
+    def __init__(self, slot: torch.Tensor, start: torch.Tensor, t: int, p: int, size: int):
+        device = slot.device
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=int(slot.max()) + 1)
+        rank = torch.empty_like(slot)
+        rank[order] = torch.arange(len(slot), device=device) - (counts.cumsum(0) - counts)[slot[order]]
+        per_drug = (counts + size - 1) // size                       # blocks of each drug
+        first_block = per_drug.cumsum(0) - per_drug
+        self.size, self.num_blocks = size, int(per_drug.sum())
+        self.drug = torch.repeat_interleave(torch.arange(len(counts), device=device), per_drug)
+        self.row = (first_block[slot] + rank // size) * size + rank % size
+        block_start = torch.zeros(self.num_blocks, dtype=start.dtype, device=device)
+        block_start[self.row // size] = start
+        sees_prefix = torch.arange(p, device=device)[None, None, :] < block_start[:, None, None]
+        token = torch.arange(size * t, device=device)
+        own = (token[:, None] // t == token[None, :] // t) & (token[:, None] % t >= token[None, :] % t)
+        self.mask = torch.cat([sees_prefix.expand(-1, size * t, -1),
+                               own.expand(self.num_blocks, -1, -1)], dim=-1)[:, None]
 
 
 class TextTower(nn.Module):
@@ -105,6 +152,7 @@ class TextTower(nn.Module):
         # prefixes when sharing them)
         self.num_buckets = num_buckets
         self.share_prefix = True   # False: every caption in full (the reference the tests use)
+        self.pairs_per_block = PAIRS_PER_BLOCK
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.token(ids) + self.position(positions)
@@ -129,15 +177,11 @@ class TextTower(nn.Module):
             cache.append(kv)
         own = torch.arange(int((lens - start).max()), device=device)
         positions = (start[:, None] + own).clamp(max=ids.shape[1] - 1)   # past len: padding
-        # a pair sees its own drug's prefix (not that prefix's padding) and its own tokens causally
-        n, t = len(ids), len(own)
-        sees_prefix = (torch.arange(p, device=device) < start[:, None, None]).expand(n, t, p)
-        causal = (own[:, None] >= own[None, :]).expand(n, t, t)
-        mask = torch.cat([sees_prefix, causal], dim=-1)[:, None]
+        layout = PairBlocks(slot, start, len(own), p, self.pairs_per_block)
         y = self._embed(ids.gather(1, positions), positions)
-        for block, (k, v) in zip(self.blocks, cache):
-            y, _ = block(y, mask, (k[slot], v[slot]))
-        return self.final_ln(y)[torch.arange(n, device=device), lens - 1 - start]
+        for block, kv in zip(self.blocks, cache):
+            y = block.forward_pairs(y, kv, layout)
+        return self.final_ln(y)[torch.arange(len(ids), device=device), lens - 1 - start]
 
     def _encode_shared(self, ids: torch.Tensor, lens: torch.Tensor, drug_index: torch.Tensor,
                        prefix_len: torch.Tensor) -> torch.Tensor:

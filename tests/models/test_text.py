@@ -129,14 +129,19 @@ def _assert_same_as_full(tower, batch):
                                        msg=lambda m: f"{dtype} {name}: {m}")
 
 
-@pytest.mark.parametrize("num_buckets", [0, 3])
-def test_shared_prefix_forward_and_gradients_equal_full_sequence(tiny_tables, tiny_prepared, num_buckets):
+@pytest.mark.parametrize("num_buckets,pairs_per_block", [(0, 8), (3, 8), (3, 1), (0, 3)])
+def test_shared_prefix_forward_and_gradients_equal_full_sequence(tiny_tables, tiny_prepared, num_buckets,
+                                                                 pairs_per_block):
     batch = _repeated_drug_batch(tiny_tables, tiny_prepared, truncate_to=None)
     counts = torch.bincount(batch.drug_index)
     assert counts.max() > 2 and counts.min() == 1 and len(batch.caption_len.unique()) > 3
+    # blocks of 3 split some drugs' pairs over several blocks and leave some blocks part-empty
+    assert counts.max() > 3 and (counts % 3 != 0).any()
     # the prefixes are most of each caption, which is what sharing them saves
     assert (batch.caption_prefix_len[batch.drug_index] > batch.caption_len * 3 // 4).all()
-    _assert_same_as_full(_tower(tiny_prepared, num_buckets), batch)
+    tower = _tower(tiny_prepared, num_buckets)
+    tower.pairs_per_block = pairs_per_block
+    _assert_same_as_full(tower, batch)
 
 
 def test_shared_prefix_exact_for_truncated_captions(tiny_tables, tiny_prepared):
