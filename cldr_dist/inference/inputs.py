@@ -182,5 +182,11 @@ def align_features(cells: CellQuery, model_features: list[str], missing: str = "
     return AlignedCells(out, absent, [f for f in cells.feature_names if f not in wanted])
 
 
-def write_rejected(rejected: list[Rejected], path: Path) -> None:
-    pd.DataFrame([r.__dict__ for r in rejected], columns=REJECTED_COLUMNS).to_csv(path, index=False)
+def write_rejected(rejected: list[Rejected], url: str) -> str:
+    """The rejected inputs as a CSV at url (local or s3://); returns url, or "" (and writes
+    nothing) when there are none."""
+    if not rejected:
+        return ""
+    frame = pd.DataFrame([r.__dict__ for r in rejected], columns=REJECTED_COLUMNS)
+    storage.write_bytes(url, frame.to_csv(index=False).encode())
+    return url

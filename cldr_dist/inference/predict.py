@@ -24,9 +24,11 @@ from tqdm import tqdm
 
 from cldr_dist.data import storage
 from cldr_dist.data.tables import DataError
+from cldr_dist.eval.metrics import ln_ic50_from_y
 from cldr_dist.inference.bundle import Bundle, load_bundle, read_meta, read_training_tables
 from cldr_dist.inference.inputs import (CellQuery, CompoundInput, Rejected, align_features,
-                                        featurize_compounds, read_cell_table, training_cells)
+                                        featurize_compounds, read_cell_table, training_cells,
+                                        write_rejected)
 from cldr_dist.inference.scoring import PairScorer
 
 ZEROSHOT = ("auto", "on", "off")
@@ -48,11 +50,6 @@ class ScreenSpec:
     pairs_per_step: int = 16_384    # pairs through the per-pair layers at once: ~70 MiB of fc1 activations
 
 
-def ln_ic50(y: np.ndarray) -> np.ndarray:
-    """labels.ln_ic50_from_y, vectorised."""
-    return 10.0 * np.log(y / (1.0 - y))
-
-
 def within_compound_rank(ln: np.ndarray) -> np.ndarray:
     """(U, V) -> each cell line's rank within its compound, 1 = lowest ln IC50."""
     order = np.argsort(ln, axis=1, kind="stable")
@@ -65,7 +62,7 @@ def pair_frame(compound_ids: list[str], cells: CellQuery, members: list[dict], f
     """The output rows of U compounds x V cells from each model's score(): ensemble mean and std."""
     U, V = len(compound_ids), len(cells)
     y = np.stack([m["y"] for m in members]).astype(np.float64)           # (M, U, V)
-    ln = ln_ic50(y)
+    ln = ln_ic50_from_y(y)
     mean_ln = ln.mean(0)
     cols = {
         "compound_id": np.repeat(np.asarray(compound_ids, dtype=object), V),
@@ -81,7 +78,7 @@ def pair_frame(compound_ids: list[str], cells: CellQuery, members: list[dict], f
     if "zeroshot_y" in members[0]:
         zy = np.stack([m["zeroshot_y"] for m in members]).astype(np.float64)
         cols["zeroshot_y"] = zy.mean(0).ravel()
-        cols["zeroshot_ln_ic50"] = ln_ic50(np.clip(zy, ZEROSHOT_Y_FLOOR, 1 - ZEROSHOT_Y_FLOOR)).mean(0).ravel()
+        cols["zeroshot_ln_ic50"] = ln_ic50_from_y(np.clip(zy, ZEROSHOT_Y_FLOOR, 1 - ZEROSHOT_Y_FLOOR)).mean(0).ravel()
     if filled:
         cols["filled_features"] = np.full(U * V, filled, dtype=np.int64)
     return pd.DataFrame(cols)
@@ -189,9 +186,13 @@ class TableWriter:
             os.unlink(self.tmp.name)
 
 
-def rejected_frame(rejected: list[Rejected]) -> pd.DataFrame:
-    from cldr_dist.inference.inputs import REJECTED_COLUMNS
-    return pd.DataFrame([r.__dict__ for r in rejected], columns=REJECTED_COLUMNS)
+def write_frames(writer: TableWriter, frames) -> tuple[int, list[str]]:
+    """Appends the frames; returns the rows written and the columns of the last frame."""
+    rows, columns = 0, []
+    for frame in frames:
+        writer.write(frame)
+        rows, columns = rows + len(frame), list(frame.columns)
+    return rows, columns
 
 
 def default_rejected_url(out: str, ray: bool) -> str:
@@ -227,7 +228,7 @@ class Summary:
 # ----------------------------------------------------------------------------- one process
 
 def predict_local(spec: ScreenSpec, inputs, out: str, rejected_url: str, cell_rejects: list[Rejected],
-                  progress: bool = True, total: int | None = None) -> Summary:
+                  progress: bool = True) -> Summary:
     """inputs: an iterable of lists of CompoundInput (chunks of the library)."""
     t0 = time.time()
     output_format(out)
@@ -238,21 +239,18 @@ def predict_local(spec: ScreenSpec, inputs, out: str, rejected_url: str, cell_re
     summary = Summary(cells=len(spec.cells), models=len(spec.models), zeroshot=plan.zeroshot,
                       filled_features=len(plan.filled), extra_columns=len(plan.extra), out=out)
     columns: list[str] = []
-    with tqdm(total=total, unit="compound", desc="predict", disable=not progress) as bar:
+    with tqdm(unit="compound", desc="predict", disable=not progress) as bar:
         for chunk in inputs:
             frames, bad = screen.predict(chunk)
             rejected.extend(bad)
-            for frame in frames:
-                writer.write(frame)
-                columns = list(frame.columns)
-                summary.pairs += len(frame)
+            pairs, chunk_columns = write_frames(writer, frames)
+            summary.pairs += pairs
+            columns = chunk_columns or columns
             summary.compounds += len(chunk) - len(bad)
             bar.update(len(chunk))
     writer.close(columns or ["compound_id", "cell_id", "cell_name", "pred_ln_ic50", "pred_y", "rank"])
     summary.rejected = len(rejected)
-    if rejected:
-        storage.write_bytes(rejected_url, rejected_frame(rejected).to_csv(index=False).encode())
-        summary.rejected_file = rejected_url
+    summary.rejected_file = write_rejected(rejected, rejected_url)
     summary.seconds = round(time.time() - t0, 3)
     return summary
 
@@ -270,12 +268,9 @@ class ScreenWorker:
         inputs = [CompoundInput(str(src), int(line), str(cid), str(smi))
                   for src, line, cid, smi in zip(batch["source"], batch["line"], batch["id"], batch["smiles"])]
         frames, rejected = self.screen.predict(inputs)
-        name, pairs = f"part-{uuid.uuid4().hex}.parquet", 0
+        name = f"part-{uuid.uuid4().hex}.parquet"
         writer = TableWriter(storage.join(self.out, name))
-        columns: list[str] = []
-        for frame in frames:
-            writer.write(frame)
-            columns, pairs = list(frame.columns), pairs + len(frame)
+        pairs, columns = write_frames(writer, frames)
         if pairs:
             writer.close(columns)
         else:
@@ -320,7 +315,8 @@ def predict_ray(spec: ScreenSpec, compounds_url: str | None, inline: list[Compou
     fs = storage.filesystem(out)
     if fs.exists(out) and fs.ls(out):   # parts of another screen would mix with this one's
         raise DataError(f"--out {out} is not empty; a --ray screen writes its parts into a new directory")
-    started = _ensure_ray(address, workers)
+    from cldr_dist.train.trainer import start_ray
+    started = start_ray(address, workers + 1)   # a CPU per worker and one for reading
     try:
         ds = compound_dataset(compounds_url, inline).map_batches(
             ScreenWorker, fn_constructor_kwargs={"spec": spec, "plan": plan, "out": out},
@@ -335,29 +331,7 @@ def predict_ray(spec: ScreenSpec, compounds_url: str | None, inline: list[Compou
                       pairs=int(results["pairs"].sum()), models=len(spec.models), zeroshot=plan.zeroshot,
                       filled_features=len(plan.filled), extra_columns=len(plan.extra), out=out,
                       parts=sorted(p for p in results["part"] if p))
-    if rejected:
-        storage.write_bytes(rejected_url, rejected_frame(rejected).to_csv(index=False).encode())
-        summary.rejected_file = rejected_url
+    summary.rejected_file = write_rejected(rejected, rejected_url)
     summary.seconds = round(time.time() - t0, 3)
     storage.write_bytes(storage.join(out, SUCCESS_FILE), summary.line().encode())
     return summary
-
-
-def _ensure_ray(address: str | None, workers: int) -> bool:
-    """Joins `address` (a cluster) or starts a local instance with a CPU per worker and one for
-    reading; returns whether this call started Ray (and so shuts it down)."""
-    import logging
-
-    import ray
-
-    from cldr_dist.train.trainer import worker_env
-    if ray.is_initialized():
-        return False
-    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    runtime_env = None if in_job else {"env_vars": worker_env()}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", num_cpus=workers + 1, runtime_env=runtime_env, include_dashboard=False,
-                 logging_level=logging.WARNING)
-    return True

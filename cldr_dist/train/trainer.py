@@ -70,24 +70,31 @@ def _with_next(cause: str, lines: list[str], i: int) -> str:
 
 
 def ensure_ray(cfg: Config) -> None:
+    start_ray(cfg.ray.address, max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1))
+
+
+def start_ray(address: str | None, local_cpus: int) -> bool:
+    """Joins the cluster at `address`, or starts a local Ray instance of `local_cpus` CPUs,
+    unless this process is already connected; returns whether this call connected it (so the
+    caller that started Ray may shut it down). Training and `cldr predict --ray` both start here."""
     import ray
     if ray.is_initialized():
-        return
+        return False
     # Inside a Ray Job the job's runtime_env already reaches the workers, and Ray refuses to
     # merge a driver env var the job also sets.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     runtime_env = None if in_job else {"env_vars": worker_env()}
     console.before_init()
     # logging_level: the driver's Ray INFO lines ("Started a local Ray instance") are not events of the run
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
-        cpus = max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1)
         os.environ[STATE_API_ENV] = unreachable_state_api()
         # address="local": without it ray.init joins whatever cluster this machine started last
-        ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env, include_dashboard=False,
+        ray.init(address="local", num_cpus=local_cpus, runtime_env=runtime_env, include_dashboard=False,
                  log_to_driver=True, logging_level=logging.WARNING)
     console.filter_worker_output()
+    return True
 
 
 def storage_target(storage_path: str):

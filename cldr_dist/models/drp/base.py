@@ -9,8 +9,8 @@ batch.smiles), the cell branch each distinct cell line once (batch.cell), and Fu
 layer multiplies each of them once too; only the layers after it run per pair, through
 batch.drug_index / batch.cell_index. Each model exposes its two branches as
 encode_drugs(graphs, smiles) -> (U, 128) and encode_cells(cell) -> (V, 128), and `head`, so
-prediction (cldr_dist/inference) encodes a screen's cell lines once. Run on batch.per_pair(), the same model is the per-pair
-computation (the reference the tests compare with).
+prediction (cldr_dist/inference) encodes a screen's cell lines once. Run on batch.per_pair(),
+the same model is the per-pair computation (the reference the tests compare with).
 """
 from __future__ import annotations
 
