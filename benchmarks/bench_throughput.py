@@ -6,14 +6,17 @@ trainer (Ray Train + DeepSpeed ZeRO-2 on gloo), side by side in one run on full-
                decoded every epoch (training before entity-level steps)
     entity     train.encoding=entity with the training part decoded once into memory (defaults)
 
-Each run is 1 worker x 2 threads (ray.cpus_per_worker=2), mixed split, max_steps 2W, logging
-every W steps; samples/s is the loop's own window W+1..2W (rank 0's CSV log), so process start,
-DeepSpeed init, the in-memory decode and the first steps are excluded. The distributed check
-runs the same global batch as 2 workers x 1 thread against 1 worker x 2 threads.
+Each run is 1 worker x 2 threads (ray.cpus_per_worker=2), mixed split, WARMUP steps then a
+window of W, logging every step; samples/s is the window's (W / the sum of its steps' seconds
+per sample, from rank 0's CSV log), so process start, DeepSpeed init, the in-memory decode and
+the warm-up steps (the allocator's first large blocks) are excluded. Validation and test batches
+are train.eval_batch_size pairs, so the end-of-run test pass takes seconds.
 
-A full-GDSC epoch: --quick derives it as train samples / the best entity samples/s; the full
-run also times one whole epoch (wall time of a run with epochs=1: it includes start-up and the
-end-of-epoch validation, so it is an upper bound).
+--quick (under 5 minutes): today's path at 256 and the best entity batch of each mode, epochs
+derived as train samples / the best entity samples/s. The full run adds every batch
+size, tCNNs and DeepCDR, the distributed check (the same global batch as 2 workers x 1 thread
+against 1 worker x 2 threads) and times one whole epoch per mode (wall time of a run with
+epochs=1: it includes start-up and the end-of-epoch validation, so it is an upper bound).
 
     .venv/bin/python benchmarks/bench_throughput.py --quick --out docs/results/bench_throughput_quick.json
 
@@ -41,15 +44,16 @@ ZERO2 = REPO / "configs" / "deepspeed" / "zero2.json"
 TODAY_BATCH = 256
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# (mode, base model, encoding, batch): what --quick measures; the full run adds FULL_EXTRA
-QUICK = [("finetune", "graphdrp", "drugs_only", 256), ("finetune", "graphdrp", "entity", 256),
-         ("finetune", "graphdrp", "entity", 4096), ("finetune", "graphdrp", "entity", 16384),
-         ("pretrain", "graphdrp", "drugs_only", 256), ("pretrain", "graphdrp", "entity", 256),
-         ("pretrain", "graphdrp", "entity", 1024), ("pretrain", "graphdrp", "entity", 4096)]
-FULL_EXTRA = [("finetune", "graphdrp", "entity", 1024), ("pretrain", "graphdrp", "entity", 16384),
+# (mode, base model, encoding, batch): what --quick measures, the four runs its summary needs
+# (today's path and the best batch of each mode); the full run adds FULL_EXTRA
+QUICK = [("finetune", "graphdrp", "drugs_only", 256), ("finetune", "graphdrp", "entity", 16384),
+         ("pretrain", "graphdrp", "drugs_only", 256), ("pretrain", "graphdrp", "entity", 8192)]
+FULL_EXTRA = [*[("finetune", "graphdrp", "entity", b) for b in (256, 1024, 4096)],
+              *[("pretrain", "graphdrp", "entity", b) for b in (256, 1024, 4096, 16384)],
               *[("finetune", m, enc, b) for m in ("tcnn", "deepcdr")
                 for enc, b in (("drugs_only", 256), ("entity", 256), ("entity", 1024), ("entity", 4096),
                                ("entity", 16384))]]
+WARMUP = 2          # optimizer steps before the measured window
 DIST_BATCH = 4096   # global batch of the 2 x 1 against 1 x 2 comparison
 
 
@@ -59,7 +63,7 @@ def make_config(shards: str, runs: str, name: str, mode: str, drp: str, encoding
     overrides = [f"data.shards={shards}", "data.split=mixed", f"ray.storage_path={runs}", f"ray.name={name}",
                  f"train.deepspeed_config={ZERO2}", f"train.mode={mode}", f"model.drp={drp}",
                  f"train.encoding={encoding}", f"train.batch_size={batch // workers}", "train.epochs=1",
-                 f"train.max_steps={2 * steps}", f"train.log_every={steps}", "train.zeroshot_samples=0",
+                 f"train.max_steps={WARMUP + steps}", "train.log_every=1", "train.zeroshot_samples=0",
                  f"ray.num_workers={workers}", f"ray.cpus_per_worker={threads}", "train.lr=0.001"]
     if encoding != "entity":
         overrides.append("data.memory_budget_mb=0")
@@ -70,12 +74,13 @@ def measure(shards, runs, mode, drp, encoding, batch, steps, workers=1, threads=
     name = f"{mode}-{drp}-{encoding}-{batch}-{workers}x{threads}-{time.time_ns()}"
     cfg = make_config(shards, runs, name, mode, drp, encoding, batch, steps, workers, threads)
     metrics, wall, la = fit(cfg)
-    rate = csv_metric(cfg, "samples_per_s", 2 * steps)
+    rates = [csv_metric(cfg, "samples_per_s", WARMUP + i) for i in range(1, steps + 1)]
+    rate = steps / sum(1 / r for r in rates)
     # same seed and data plan on both paths: the same batches, so losses differ only by
     # dropout masks (drawn per entity on the entity path) and rounding
     row = {"mode": mode, "drp": drp, "encoding": encoding, "global_batch": batch, "workers": workers,
            "threads": threads, "window_steps": steps, "samples_per_s": rate,
-           "loss_at_last_step": csv_metric(cfg, "loss", 2 * steps), "wall_s": round(wall, 1), "loadavg": la}
+           "loss_at_last_step": csv_metric(cfg, "loss", WARMUP + steps), "wall_s": round(wall, 1), "loadavg": la}
     print(f"[bench] {mode:8s} {drp:8s} {encoding:8s} batch {batch:6d} {workers}x{threads}: "
           f"{rate:,.0f} samples/s (run {wall:.0f}s, load {la[0]})", flush=True)
     return row
@@ -91,13 +96,15 @@ def epoch_run(shards, runs, mode, drp, batch) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="GraphDRP finetune and pretrain only, epochs derived")
+    p.add_argument("--quick", action="store_true", help="four runs: today's path and the best batch per mode, epochs derived")
     p.add_argument("--shards", default="", help="full-GDSC shards with the mixed split (built into a temp dir if empty)")
-    p.add_argument("--steps", type=int, default=2, help="W: log window in optimizer steps (runs are 2W steps)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="W: measured optimizer steps after the warm-up; default 1 with --quick, else 3")
     p.add_argument("--modes", default="finetune,pretrain",
-                   help="--quick: the modes to measure (pretrain alone: its speedup, without the distributed check)")
+                   help="the modes to measure (the distributed check runs with finetune)")
     p.add_argument("--out", default="bench_throughput.json", help="JSON file for the results")
     args = p.parse_args(argv)
+    args.steps = args.steps or (1 if args.quick else 3)
     out_path = Path(args.out).resolve()
     t_start = time.perf_counter()
 
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
         if mode in modes:
             report["runs"].append(measure(shards, runs, mode, drp, encoding, batch, args.steps))
             save()
-    if "finetune" in modes:
+    if "finetune" in modes and not args.quick:
         for workers, threads in ((1, 2), (2, 1)):
             report["distributed"].append(measure(shards, runs, "finetune", "graphdrp", "entity", DIST_BATCH,
                                                  args.steps, workers, threads))

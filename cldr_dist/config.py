@@ -49,7 +49,7 @@ class StorageConfig:
 class ModelConfig:
     drp: str = "graphdrp"           # base model: graphdrp | tcnn | deepcdr
     embed_dim: int = 256            # the fused sample embedding (layer before the regression head)
-    dropout: float = 0.1
+    dropout: float = -1.0           # < 0: the base model's published rate (GraphDRP 0.5, tCNNs 0.0, DeepCDR 0.1)
     text_width: int = 128
     text_layers: int = 3
     text_heads: int = 8
@@ -69,7 +69,9 @@ class LossConfig:
     kg_weight: float = 0.1
     kg_margin: float = 1.0
     kg_train_relation: bool = True  # False reproduces the original code's frozen relation vector
-    kg_triples: int = 256           # TransE triples (and as many corrupted ones) per step
+    kg_form: str = "sampled"        # sampled: kg_triples a step, normalised, mean | all: CLDR's, all 1000
+                                    # number texts and the loss summed over the 999 triples every step
+    kg_triples: int = 256           # kg_form=sampled: TransE triples (and as many corrupted ones) per step
     init_logit_scale: float = 2.659260036932778   # log(1 / 0.07)
     max_logit_scale: float = 100.0
 
@@ -97,6 +99,8 @@ class TrainConfig:
     init_from: str = ""             # finetune: a pretrain checkpoint URL (directory)
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     zeroshot_samples: int = 2000    # zero-shot PCC on this many val/test samples (1000 texts each)
+    eval_batch_size: int = 4096     # pairs per validation/test batch: inference only, so far larger
+                                    # than training's (each batch encodes its distinct drugs and cells once)
     precision: str = "auto"         # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     # entity: each distinct drug, cell line and caption prefix of a batch is encoded once, only
     # pair-level layers run per pair | per_pair: every pair encodes its own (the exact reference)
@@ -222,10 +226,12 @@ def validate(cfg: Config) -> None:
     need(cfg.data.split in ("mixed", "cell_blind", "drug_blind"), f"data.split: unknown split {cfg.data.split!r}")
     need(all(s in ("mixed", "cell_blind", "drug_blind") for s in cfg.data.splits), f"data.splits: unknown split in {cfg.data.splits}")
     need(len(cfg.data.fractions) == 3 and all(f > 0 for f in cfg.data.fractions), "data.fractions: need three positive numbers (train, val, test)")
-    for key in ("data.samples_per_shard", "data.vocab_size", "train.batch_size", "train.grad_accum", "ray.num_workers", "data.shuffle_buffer"):
+    for key in ("data.samples_per_shard", "data.vocab_size", "train.batch_size", "train.eval_batch_size", "train.grad_accum", "ray.num_workers", "data.shuffle_buffer"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
     need(cfg.train.lr > 0, "train.lr must be positive")
+    need(cfg.loss.kg_form in ("all", "sampled"), f"loss.kg_form: {cfg.loss.kg_form!r} is not one of all, sampled")
+    need(cfg.model.dropout < 1, "model.dropout must be below 1 (negative: the base model's published rate)")
     need(cfg.train.lr_schedule in SCHEDULES, f"train.lr_schedule: {cfg.train.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
     need(cfg.train.lr_scaling in LR_SCALING, f"train.lr_scaling: {cfg.train.lr_scaling!r} is not one of {', '.join(LR_SCALING)}")
     need(cfg.train.lr_base_batch >= 1, "train.lr_base_batch must be at least 1")

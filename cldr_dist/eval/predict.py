@@ -15,7 +15,7 @@ from cldr_dist.data.reader import ShardSet, ShardStream, make_loader
 def eval_stream(cfg: Config, shards: ShardSet, part: str, rank: int = 0, world: int = 1,
                 wordpiece: bool = False) -> ShardStream:
     """Every sample of `part` exactly once across ranks, in shard order, short last batch kept."""
-    return ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.batch_size, rank=rank,
+    return ShardStream(shards, cfg.data.split, part, batch_size=cfg.train.eval_batch_size, rank=rank,
                        world_size=world, seed=cfg.data.seed, shuffle=False, drop_last=False,
                        caption_pad_to=cfg.model.caption_pad_to or None,
                        number_pad_to=cfg.model.number_pad_to or None, wordpiece=wordpiece)
@@ -29,13 +29,14 @@ def predict_part(cfg: Config, shards: ShardSet, model, part: str, rank: int = 0,
                  device: torch.device | str = "cpu", keep_samples: int = 0,
                  wordpiece: bool = False) -> dict:
     """This rank's share of `part`, in shard order: {"y", "p", "drug_ids", "cell_ids"} as numpy,
-    plus "batches": the first batches (at least keep_samples samples, on the CPU) for zero-shot.
+    plus "batches": the first keep_samples samples (as batches, on the CPU) for zero-shot.
     The model runs on `device` (the worker's GPU, or the CPU); it must run no collectives."""
     model.eval()
     ys, preds, drugs, cells, kept = [], [], [], [], []
     for batch in make_loader(eval_stream(cfg, shards, part, rank, world, wordpiece), 0):
-        if sum(len(b) for b in kept) < keep_samples:
-            kept.append(batch)
+        wanted = keep_samples - sum(len(b) for b in kept)
+        if wanted > 0:
+            kept.append(batch if wanted >= len(batch) else batch.select(torch.arange(wanted)))
         preds.append(model.drp(batch.to(device))[0].float().cpu().numpy())
         ys.append(batch.y.numpy())
         drugs.extend(batch.drug_ids)

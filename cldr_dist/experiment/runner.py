@@ -135,7 +135,7 @@ def run_deep(spec: ExperimentSpec, arm: Arm, log) -> dict:
     from cldr_dist.eval.predict import predict_part
     from cldr_dist.losses.numeric_kg import NumberTexts
     from cldr_dist.train.loop import load_model_weights, make_model
-    fine = stage_config(spec, "finetune", arm.model, arm.split, arm.seed, arm.variant)
+    fine = stage_config(spec, "finetune", arm.model, arm.split, arm.seed, arm.variant, pretrained=arm.name != "base")
     stages = {}
     if arm.name != "base":
         pre = stage_config(spec, "pretrain", arm.model, arm.split, arm.seed, arm.variant)

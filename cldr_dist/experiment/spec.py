@@ -6,6 +6,8 @@ and the run settings of each stage, as layers of the ordinary training config.
     common:      config sections for every run (data, ray, ...)
     pretrain:    config sections layered on common for CLDR pretraining
     finetune:    config sections layered on common for finetuning and for the MSE-only base model
+    cldr_finetune: config sections layered on finetune for the CLDR arm's finetune only (CLDR
+                 finetunes its pretrained model at lr 1e-5, far below a model trained from scratch)
 
 A variant is an extra CLDR arm with its own layers on top of pretrain and/or finetune, e.g.
     variants: {gb1024: {pretrain: {train: {batch_size: 1024}}}}
@@ -28,7 +30,7 @@ from cldr_dist.config import (Config, ConfigError, apply_setting, check_shared_s
 from cldr_dist.eval.classical import BASELINES, ClassicalConfig
 
 ARMS = ("base", "cldr")
-STAGES = ("common", "pretrain", "finetune")
+STAGES = ("common", "pretrain", "finetune", "cldr_finetune")
 SPLITS = ("mixed", "cell_blind", "drug_blind")
 INTERNAL_FIELDS = ("classical", "layers", "command")   # not settable as experiment.KEY
 
@@ -78,9 +80,12 @@ def _merge(base: dict, layer: dict) -> dict:
 
 
 def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed: int,
-                 variant: str = "") -> Config:
-    """The training config of one stage ("pretrain" or "finetune") of one arm."""
+                 variant: str = "", pretrained: bool = False) -> Config:
+    """The training config of one stage ("pretrain" or "finetune") of one arm; `pretrained`:
+    the finetune of a CLDR arm, with the cldr_finetune layer on top of finetune's."""
     sections = _merge(spec.layers.get("common", {}), spec.layers.get(stage, {}))
+    if stage == "finetune" and pretrained:
+        sections = _merge(sections, spec.layers.get("cldr_finetune", {}))
     if variant:
         sections = _merge(sections, spec.variants[variant].get(stage, {}))
     cfg = Config()
@@ -151,9 +156,10 @@ def check(spec: ExperimentSpec) -> None:
          f"working directory: give an absolute path on the head node")
     for model in spec.models:
         for variant in ["", *spec.variants]:
-            for stage in ("pretrain", "finetune"):
+            for stage, pretrained in (("pretrain", False), ("finetune", False), ("finetune", True)):
                 try:
-                    stage_config(spec, stage, model, spec.splits[0], spec.seeds[0], variant)
+                    stage_config(spec, stage, model, spec.splits[0], spec.seeds[0], variant, pretrained)
                 except ConfigError as e:
                     where = f"variant {variant}, " if variant else ""
-                    raise ConfigError(f"{where}{stage} stage of {model}: {e}") from None
+                    name = "cldr_finetune" if pretrained else stage
+                    raise ConfigError(f"{where}{name} stage of {model}: {e}") from None

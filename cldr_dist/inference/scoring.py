@@ -1,7 +1,7 @@
 """One model's predictions for every (compound, cell line) pair of a screen.
 
 The cell branch and fc1's cell part run once per scorer (once per worker), the drug branch and
-fc1's drug part once per compound, and only FusionHead's per-pair layers per pair: the same
+fc1's drug part once per compound, and only the head's per-pair layers per pair: the same
 arithmetic as the model's forward pass on a batch of those pairs (models/drp/base.py).
 
 Zero-shot (CLDR models): a pair's prediction is the number text whose text embedding, with the
@@ -35,7 +35,7 @@ class PairScorer:
         self.num_cells = len(cell_features)
         with torch.no_grad():
             cells = torch.from_numpy(np.asarray(cell_features, dtype=np.float32)).to(self.device)
-            self.cell_part = self.drp.head.cell_part(self.drp.encode_cells(cells))   # (V, 1024)
+            self.cell_part = self.drp.head.cell_part(self.drp.encode_cells(cells))   # (V, first layer)
         self.zeroshot = zeroshot
         if zeroshot:
             if bundle.cfg.model.text_tower != "scratch":
@@ -58,7 +58,7 @@ class PairScorer:
         graphs = graph_batch(compounds.graphs).to(self.device)
         smiles, _ = pad_sequences(compounds.codes, None)
         drug = self.drp.encode_drugs(graphs, smiles.to(self.device))
-        drug_part = self.drp.head.drug_part(drug)                                   # (U, 1024)
+        drug_part = self.drp.head.drug_part(drug)                                   # (U, first layer)
         y, emb = self.drp.head.grid(drug_part, self.cell_part)                     # (U, V), (U, V, E)
         out = {"y": y.float().cpu().numpy()}
         if self.zeroshot:

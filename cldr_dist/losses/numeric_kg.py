@@ -2,10 +2,16 @@
 loss (kg_weight * TransE + clip_weight * CLIP).
 
 Triples are (n_i, r, n_{i+1}): "the next number". A negative corrupts the head or the tail with
-a random other number. Entity embeddings are the number tower's features of the number texts
-(L2-normalised, as TransE normalises entities), so this loss trains the text side. The relation
-r is a trained parameter; `train_relation=False` freezes it at its random init, as the original
-code (which never handed r to its optimizer) did.
+a random other number. Entity embeddings are the number tower's features of the number texts,
+so this loss trains the text side. Two formulations (loss.kg_form):
+  sampled  num_triples random triples a step, L2-normalised entities, the mean loss (default)
+  all      CLDR's: every step encodes all 1000 number texts and sums the margin loss over all
+           999 triples, one corrupted triple each, on the raw features. Summed, it is hundreds
+           of times the CLIP term at the start (0.1 x ~1000 against ~5), so with gradient
+           clipping CLIP's share of the first updates is small; which form serves zero-shot and
+           finetuning better is measured, not assumed
+The relation r is a trained parameter; `train_relation=False` freezes it at its random init, as
+the original code (which never handed r to its optimizer) did.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from cldr_dist.data.labels import NUM_NUMBER_TEXTS
 from cldr_dist.losses.contrastive import gathered_clip_loss
 
 RELATION_INIT_STD = 0.01     # small: the chain of 999 steps starts short
-DEFAULT_NUM_TRIPLES = 256    # triples sampled per step
+DEFAULT_NUM_TRIPLES = 256    # triples sampled per step (form "sampled")
+KG_FORMS = ("all", "sampled")
+SUCCESSOR_K = 10             # successor_hits: the true next number among the 10 nearest
 
 
 class Triples(NamedTuple):
@@ -44,30 +52,60 @@ def sample_triples(num_triples: int, num_numbers: int = NUM_NUMBER_TEXTS,
     return Triples(head, tail, neg_head, neg_tail)
 
 
-def transe_loss(head, tail, neg_head, neg_tail, relation, margin: float) -> torch.Tensor:
+def transe_loss(head, tail, neg_head, neg_tail, relation, margin: float, reduce: str = "mean") -> torch.Tensor:
     """Margin ranking with L1 distance: positives closer than negatives by at least margin."""
     pos = (head + relation - tail).abs().sum(-1)
     neg = (neg_head + relation - neg_tail).abs().sum(-1)
-    return F.relu(margin + pos - neg).mean()
+    loss = F.relu(margin + pos - neg)
+    return loss.sum() if reduce == "sum" else loss.mean()
+
+
+def chain_triples(num_numbers: int = NUM_NUMBER_TEXTS, generator: torch.Generator | None = None) -> Triples:
+    """Every triple (n_i, r, n_{i+1}) of the chain, each with one corrupted triple (CLDR's)."""
+    head = torch.arange(num_numbers - 1)
+    shift = torch.randint(1, num_numbers, (num_numbers - 1,), generator=generator)
+    corrupt_head = torch.rand(num_numbers - 1, generator=generator) < 0.5
+    tail = head + 1
+    return Triples(head, tail, torch.where(corrupt_head, (head + shift) % num_numbers, head),
+                   torch.where(corrupt_head, tail, (tail + shift) % num_numbers))
 
 
 class NumericKG(nn.Module):
     def __init__(self, dim: int, margin: float = 1.0, train_relation: bool = True,
-                 num_triples: int = DEFAULT_NUM_TRIPLES, num_numbers: int = NUM_NUMBER_TEXTS):
+                 num_triples: int = DEFAULT_NUM_TRIPLES, num_numbers: int = NUM_NUMBER_TEXTS,
+                 form: str = "sampled"):
         super().__init__()
+        if form not in KG_FORMS:
+            raise ValueError(f"kg form {form!r} is not one of {', '.join(KG_FORMS)}")
         self.relation = nn.Parameter(torch.randn(dim) * RELATION_INIT_STD,
                                      requires_grad=train_relation)
-        self.margin, self.num_triples, self.num_numbers = margin, num_triples, num_numbers
+        self.margin, self.num_triples, self.num_numbers, self.form = margin, num_triples, num_numbers, form
 
     def forward(self, encode: Callable[[torch.Tensor], torch.Tensor],
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """encode: number indices (K,) -> their features (K, dim). Each distinct number text of
-        the sampled triples is encoded once."""
+        """encode: number indices (K,) -> their features (K, dim)."""
+        relation = self.relation.float()
+        if self.form == "all":
+            emb = encode(torch.arange(self.num_numbers, device=self.relation.device)).float()
+            t = chain_triples(self.num_numbers, generator)
+            h, tl, nh, nt = (emb[i.to(emb.device)] for i in t)
+            return transe_loss(h, tl, nh, nt, relation, self.margin, reduce="sum")
+        # each distinct number text of the sampled triples is encoded once
         t = sample_triples(self.num_triples, self.num_numbers, generator)
         uniq, inverse = torch.unique(torch.cat(t), return_inverse=True)
         emb = F.normalize(encode(uniq.to(self.relation.device)).float(), dim=-1)
         h, tl, nh, nt = emb[inverse.to(emb.device)].view(4, self.num_triples, -1)
-        return transe_loss(h, tl, nh, nt, self.relation.float(), self.margin)
+        return transe_loss(h, tl, nh, nt, relation, self.margin)
+
+
+def successor_hits(features: torch.Tensor, relation: torch.Tensor, normalise: bool, k: int = SUCCESSOR_K) -> float:
+    """Whether TransE ordered the number texts: the fraction of texts n_i (i < 999) whose
+    successor n_{i+1} is among the k texts nearest to n_i + r (L1, on the entities as the loss
+    scores them: L2-normalised for kg_form=sampled, raw for all). Chance is k / 1000."""
+    f = F.normalize(features.float(), dim=-1) if normalise else features.float()
+    nearest = torch.cdist(f[:-1] + relation.float().to(f.device), f, p=1).topk(k, largest=False).indices
+    successor = torch.arange(1, len(f), device=f.device)[:, None]
+    return float((nearest == successor).any(1).float().mean())
 
 
 class NumberTexts:
@@ -109,4 +147,4 @@ def pretrain_loss(model, batch, kg: NumericKG, numbers: NumberTexts, cfg: LossCo
 
 
 def build_kg(loss_cfg: LossConfig, dim: int, num_triples: int = DEFAULT_NUM_TRIPLES) -> NumericKG:
-    return NumericKG(dim, loss_cfg.kg_margin, loss_cfg.kg_train_relation, num_triples)
+    return NumericKG(dim, loss_cfg.kg_margin, loss_cfg.kg_train_relation, num_triples, form=loss_cfg.kg_form)

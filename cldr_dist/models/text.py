@@ -175,13 +175,20 @@ class TextTower(nn.Module):
         for block in self.blocks:
             x, kv = block(x)
             cache.append(kv)
-        own = torch.arange(int((lens - start).max()), device=device)
-        positions = (start[:, None] + own).clamp(max=ids.shape[1] - 1)   # past len: padding
-        layout = PairBlocks(slot, start, len(own), p, self.pairs_per_block)
-        y = self._embed(ids.gather(1, positions), positions)
-        for block, kv in zip(self.blocks, cache):
-            y = block.forward_pairs(y, kv, layout)
-        return self.final_ln(y)[torch.arange(len(ids), device=device), lens - 1 - start]
+        # pairs run in groups of equal own length, so no pair pays for another's padding
+        # (own lengths are 4-10 tokens, most of them 4)
+        own_len = lens - start
+        pooled, rows = [], []
+        for length in torch.unique(own_len).tolist():
+            group = (own_len == length).nonzero().squeeze(1)
+            positions = start[group, None] + torch.arange(length, device=device)
+            layout = PairBlocks(slot[group], start[group], length, p, self.pairs_per_block)
+            y = self._embed(ids[group].gather(1, positions), positions)
+            for block, kv in zip(self.blocks, cache):
+                y = block.forward_pairs(y, kv, layout)
+            pooled.append(self.final_ln(y[:, -1]))
+            rows.append(group)
+        return torch.cat(pooled)[torch.argsort(torch.cat(rows))]
 
     def _encode_shared(self, ids: torch.Tensor, lens: torch.Tensor, drug_index: torch.Tensor,
                        prefix_len: torch.Tensor) -> torch.Tensor:

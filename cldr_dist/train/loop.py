@@ -83,12 +83,15 @@ def plain_copy(cfg: Config, shards: ShardSet, weights: dict, device: torch.devic
 
 
 def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: int, world: int,
-             zero_shot: bool, device: torch.device | str = "cpu") -> dict[str, float]:
+             zero_shot: bool, device: torch.device | str = "cpu", relation: torch.Tensor | None = None
+             ) -> dict[str, float]:
     """Metrics of one part on every rank: each rank predicts its share (eval/predict.py's
-    stream) with a model that runs no collectives, then predictions are gathered."""
+    stream) with a model that runs no collectives, then predictions are gathered. With the
+    TransE relation, also whether it orders the number texts (number_hits10: the fraction
+    whose successor is among the 10 texts nearest to text + relation)."""
     from cldr_dist.eval.predict import predict_part
     from cldr_dist.eval.zeroshot import zeroshot_predict
-    from cldr_dist.losses.numeric_kg import NumberTexts
+    from cldr_dist.losses.numeric_kg import NumberTexts, successor_hits
     keep = cfg.train.zeroshot_samples // world if zero_shot else 0
     pred = predict_part(cfg, shards, model, part, rank, world, device=device, keep_samples=keep,
                         wordpiece=zero_shot and cfg.model.text_tower == "minilm")
@@ -107,6 +110,12 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
         zy = np.concatenate([g["zs_y"] for g in gathered if "zs_y" in g])
         zp = np.concatenate([g["zs_p"] for g in gathered if "zs_p" in g])
         out[f"{part}_zeroshot_pcc"] = all_metrics(zy, zp)["pcc"]
+    if relation is not None:
+        numbers = NumberTexts(shards.features)
+        with torch.no_grad():
+            feats = model.encode_number_texts(numbers.ids.to(device), numbers.lens.to(device),
+                                              numbers.index.to(device))
+        out["number_hits10"] = successor_hits(feats, relation, normalise=cfg.loss.kg_form == "sampled")
     return out
 
 
@@ -294,12 +303,12 @@ def train_loop_per_worker(config: dict) -> None:
             state.epoch, state.batch = state.epoch + 1, 0
             weights = full_state_dict(engine)
             epoch_metrics = evaluate(cfg, shards, plain_copy(cfg, shards, weights, device), "val", rank, world,
-                                     zero_shot, device)
+                                     zero_shot, device, weights.get("kg.relation"))
             select(weights, epoch_metrics)
             state.metrics.update(epoch_metrics)
             log.scalars(state.epoch, state.step, epoch_metrics)
             log.line(f"end of epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()
-                                                               if k.startswith(("val_pcc", "val_mse", "val_zero", "best_epoch"))))
+                                                               if k.startswith(("val_pcc", "val_mse", "val_zero", "number_hits", "best_epoch"))))
             if stopped_early():
                 log.line(f"early stop: no better {select_key} for {state.stale_epochs} epochs; "
                          f"keeping epoch {state.best_epoch}")
@@ -312,7 +321,8 @@ def train_loop_per_worker(config: dict) -> None:
     # cut by max_steps mid-epoch before any epoch ended has only its last weights.
     weights = full_state_dict(engine)
     selected = best_weights if best_weights is not None else weights
-    final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot, device)
+    final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot, device,
+                     selected.get("kg.relation"))
     final.update(selected_epoch=state.best_epoch if best_weights is not None else state.epoch,
                  stopped_early=int(stopped_early()), epochs_run=state.epoch)
     state.metrics.update(final)

@@ -12,6 +12,7 @@ classical: {baselines: [train_mean, gbm]}
 common: {train: {batch_size: 64, lr: 0.01}, ray: {num_workers: 1}}
 pretrain: {train: {lr: 0.0005}}
 finetune: {train: {epochs: 3}}
+cldr_finetune: {train: {lr: 0.00001}}
 """
 
 
@@ -31,6 +32,10 @@ def test_stage_configs_layer_common_then_stage_then_variant(spec_file):
     assert pre.train.batch_size == fine.train.batch_size == 64
     assert stage_config(spec, "pretrain", "tcnn", "mixed", 2, "gb1024").train.batch_size == 1024
     assert stage_config(spec, "finetune", "tcnn", "mixed", 2, "gb1024").train.batch_size == 64  # same finetune budget
+    # the CLDR arm finetunes its pretrained model at its own rate; the MSE-only model keeps finetune's
+    cldr_fine = stage_config(spec, "finetune", "tcnn", "mixed", 2, pretrained=True)
+    assert cldr_fine.train.lr == 0.00001 and cldr_fine.train.epochs == 3 and cldr_fine.train.mode == "finetune"
+    assert stage_config(spec, "finetune", "tcnn", "mixed", 2, "gb1024", pretrained=True).train.lr == 0.00001
 
 
 def test_plan_covers_every_arm_once(spec_file):

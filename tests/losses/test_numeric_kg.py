@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from cldr_dist.config import LossConfig
-from cldr_dist.losses.numeric_kg import NumericKG, NumberTexts, sample_triples, transe_loss
+from cldr_dist.losses.numeric_kg import (NumericKG, NumberTexts, chain_triples, sample_triples,
+                                         successor_hits, transe_loss)
 
 STEPS = 150
 
@@ -25,7 +27,7 @@ def test_transe_loss_definition():
 def _train(train_relation: bool):
     torch.manual_seed(0)
     table = nn.Embedding(1000, 16)     # stand-in for the number tower: free entity vectors
-    kg = NumericKG(16, margin=1.0, train_relation=train_relation, num_triples=256)
+    kg = NumericKG(16, margin=1.0, train_relation=train_relation, num_triples=256, form="sampled")
     opt = torch.optim.Adam([*table.parameters(), *[p for p in kg.parameters() if p.requires_grad]], lr=0.05)
     r0 = kg.relation.detach().clone()
     gen = torch.Generator().manual_seed(0)
@@ -65,3 +67,49 @@ def test_transe_trains_the_number_tower(tiny_prepared):
     kg(NumberTexts(tiny_prepared[1]).encoder(model), torch.Generator().manual_seed(0)).backward()
     assert model.text.number.proj.weight.grad.abs().sum() > 0
     assert model.text.caption.proj.weight.grad is None
+
+
+def test_all_form_is_cldrs_summed_chain():
+    """form "all": every number text encoded, the margin loss summed over all 999 chain triples
+    on the raw features, one corrupted triple each."""
+    torch.manual_seed(1)
+    table = nn.Embedding(1000, 8)
+    kg = NumericKG(8, margin=1.0, form="all")
+    loss = kg(table, torch.Generator().manual_seed(5))
+    t = chain_triples(1000, torch.Generator().manual_seed(5))
+    assert torch.equal(t.head, torch.arange(999)) and torch.equal(t.tail, torch.arange(1, 1000))
+    assert bool(((t.neg_head != t.head) | (t.neg_tail != t.tail)).all())
+    e, r = table.weight, kg.relation
+    pos = (e[t.head] + r - e[t.tail]).abs().sum(1)
+    neg = (e[t.neg_head] + r - e[t.neg_tail]).abs().sum(1)
+    assert torch.allclose(loss, torch.relu(1.0 + pos - neg).sum())
+    sampled = NumericKG(8, margin=1.0, form="sampled", num_triples=64)(table, torch.Generator().manual_seed(5))
+    assert sampled.item() < loss.item() / 100   # a mean over normalised entities, not a sum
+
+
+def test_successor_hits_reads_the_chain():
+    torch.manual_seed(0)
+    r = torch.rand(16) + 0.5
+    chain = torch.arange(1000.0)[:, None] * r + 0.01 * torch.randn(1000, 16)
+    assert successor_hits(chain, r, normalise=False) == 1.0
+    assert successor_hits(torch.randn(1000, 16), r, normalise=False) < 0.05    # chance: 10 / 1000
+    # trained free entity vectors: TransE puts each successor among the nearest, for both forms
+    for form in ("sampled", "all"):
+        torch.manual_seed(0)
+        table = nn.Embedding(1000, 16)
+        kg = NumericKG(16, form=form)
+        before = successor_hits(table.weight.detach(), kg.relation.detach(), normalise=form == "sampled")
+        opt = torch.optim.Adam([*table.parameters(), *kg.parameters()], lr=0.05)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(STEPS):
+            loss = kg(table, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        after = successor_hits(table.weight.detach(), kg.relation.detach(), normalise=form == "sampled")
+        assert before < 0.05 and after > 0.5, (form, before, after)
+
+
+def test_unknown_kg_form_is_an_error():
+    with pytest.raises(ValueError, match="kg form"):
+        NumericKG(8, form="some")

@@ -17,12 +17,14 @@ DRUG_HIDDEN = 1500
 CELL_CHANNELS = (32, 64, 128)
 CELL_KERNEL = 8
 CELL_POOL = 3
+DROPOUT = 0.5          # GraphDRP's gat_gcn.py
 
 
 class CellCNN(nn.Module):
-    """3x (Conv1d, ReLU, MaxPool) over the feature vector as a 1-channel sequence, then Linear."""
+    """3x (Conv1d, ReLU, MaxPool) over the feature vector as a 1-channel sequence, flattened,
+    then Linear to out_dim (None: the flattened maps themselves, as tCNNs)."""
 
-    def __init__(self, num_features: int, out_dim: int = BRANCH_DIM,
+    def __init__(self, num_features: int, out_dim: int | None = BRANCH_DIM,
                  channels=CELL_CHANNELS, kernel: int = CELL_KERNEL, pool: int = CELL_POOL):
         super().__init__()
         layers, c_in, length = [], 1, num_features
@@ -32,14 +34,15 @@ class CellCNN(nn.Module):
         if length < 1:
             raise ValueError(f"{num_features} cell features are too few for a {len(channels)}-layer CNN")
         self.convs = nn.Sequential(*layers)
-        self.fc = nn.Linear(c_in * length, out_dim)
+        self.fc = nn.Linear(c_in * length, out_dim) if out_dim else nn.Identity()
+        self.out_dim = out_dim or c_in * length
 
     def forward(self, cell: torch.Tensor) -> torch.Tensor:
         return self.fc(self.convs(cell.unsqueeze(1)).flatten(1))
 
 
 class GraphDRP(nn.Module):
-    def __init__(self, num_cell_features: int, embed_dim: int = 256, dropout: float = 0.2,
+    def __init__(self, num_cell_features: int, embed_dim: int = 256, dropout: float = DROPOUT,
                  atom_dim: int = ATOM_FEATURE_DIM):
         super().__init__()
         self.gat = GATConv(atom_dim, atom_dim, heads=GAT_HEADS)
@@ -69,4 +72,4 @@ class GraphDRP(nn.Module):
 
 @register("graphdrp")
 def build(cfg: ModelConfig, num_cell_features: int) -> GraphDRP:
-    return GraphDRP(num_cell_features, cfg.embed_dim, cfg.dropout)
+    return GraphDRP(num_cell_features, cfg.embed_dim, DROPOUT if cfg.dropout < 0 else cfg.dropout)
