@@ -6,10 +6,8 @@ a random other number. Entity embeddings are the number tower's features of the 
 so this loss trains the text side. Two formulations (loss.kg_form):
   sampled  num_triples random triples a step, L2-normalised entities, the mean loss (default)
   all      CLDR's: every step encodes all 1000 number texts and sums the margin loss over all
-           999 triples, one corrupted triple each, on the raw features. Summed, it is hundreds
-           of times the CLIP term at the start (0.1 x ~1000 against ~5), so with gradient
-           clipping CLIP's share of the first updates is small; which form serves zero-shot and
-           finetuning better is measured, not assumed
+           999 triples, one corrupted triple each, on the raw features (on full GDSC the sum
+           ran at 12-21 in the first epoch against CLIP's 9; docs/results/kg_form_probe.md)
 The relation r is a trained parameter; `train_relation=False` freezes it at its random init, as
 the original code (which never handed r to its optimizer) did.
 """
