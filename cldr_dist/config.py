@@ -17,6 +17,7 @@ from cldr_dist.train.schedule import LR_SCALING, SCHEDULES
 
 
 ENCODINGS = ("entity", "per_pair", "drugs_only")   # TrainConfig.encoding
+KG_FORMS = ("sampled", "all")                      # LossConfig.kg_form
 
 
 class ConfigError(Exception):
@@ -230,7 +231,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, f"{key} must be at least 1")
     need(cfg.train.lr > 0, "train.lr must be positive")
-    need(cfg.loss.kg_form in ("all", "sampled"), f"loss.kg_form: {cfg.loss.kg_form!r} is not one of all, sampled")
+    need(cfg.loss.kg_form in KG_FORMS, f"loss.kg_form: {cfg.loss.kg_form!r} is not one of {', '.join(KG_FORMS)}")
     need(cfg.model.dropout < 1, "model.dropout must be below 1 (negative: the base model's published rate)")
     need(cfg.train.lr_schedule in SCHEDULES, f"train.lr_schedule: {cfg.train.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
     need(cfg.train.lr_scaling in LR_SCALING, f"train.lr_scaling: {cfg.train.lr_scaling!r} is not one of {', '.join(LR_SCALING)}")

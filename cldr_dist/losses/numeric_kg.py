@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cldr_dist.config import LossConfig
+from cldr_dist.config import KG_FORMS, LossConfig
 from cldr_dist.data.batch import PAD_ID
 from cldr_dist.data.labels import NUM_NUMBER_TEXTS
 from cldr_dist.losses.contrastive import gathered_clip_loss
 
 RELATION_INIT_STD = 0.01     # small: the chain of 999 steps starts short
 DEFAULT_NUM_TRIPLES = 256    # triples sampled per step (form "sampled")
-KG_FORMS = ("all", "sampled")
 SUCCESSOR_K = 10             # successor_hits: the true next number among the 10 nearest
 
 
@@ -38,16 +37,22 @@ class Triples(NamedTuple):
     neg_tail: torch.Tensor
 
 
-def sample_triples(num_triples: int, num_numbers: int = NUM_NUMBER_TEXTS,
-                   generator: torch.Generator | None = None) -> Triples:
-    head = torch.randint(0, num_numbers - 1, (num_triples,), generator=generator)
+def successor_triples(head: torch.Tensor, num_numbers: int, generator: torch.Generator | None) -> Triples:
+    """(n_i, r, n_{i+1}) for each head, each with one corrupted triple: the head or the tail
+    shifted by 1..num_numbers-1 (mod n), so a corrupted entity never equals the original."""
     tail = head + 1
-    # shift by 1..num_numbers-1 (mod n) so a corrupted entity never equals the original
-    shift = torch.randint(1, num_numbers, (num_triples,), generator=generator)
-    corrupt_head = torch.rand(num_triples, generator=generator) < 0.5
+    shift = torch.randint(1, num_numbers, (len(head),), generator=generator)
+    corrupt_head = torch.rand(len(head), generator=generator) < 0.5
     neg_head = torch.where(corrupt_head, (head + shift) % num_numbers, head)
     neg_tail = torch.where(corrupt_head, tail, (tail + shift) % num_numbers)
     return Triples(head, tail, neg_head, neg_tail)
+
+
+def sample_triples(num_triples: int, num_numbers: int = NUM_NUMBER_TEXTS,
+                   generator: torch.Generator | None = None) -> Triples:
+    """num_triples random chain triples (kg_form=sampled)."""
+    head = torch.randint(0, num_numbers - 1, (num_triples,), generator=generator)
+    return successor_triples(head, num_numbers, generator)
 
 
 def transe_loss(head, tail, neg_head, neg_tail, relation, margin: float, reduce: str = "mean") -> torch.Tensor:
@@ -60,12 +65,7 @@ def transe_loss(head, tail, neg_head, neg_tail, relation, margin: float, reduce:
 
 def chain_triples(num_numbers: int = NUM_NUMBER_TEXTS, generator: torch.Generator | None = None) -> Triples:
     """Every triple (n_i, r, n_{i+1}) of the chain, each with one corrupted triple (CLDR's)."""
-    head = torch.arange(num_numbers - 1)
-    shift = torch.randint(1, num_numbers, (num_numbers - 1,), generator=generator)
-    corrupt_head = torch.rand(num_numbers - 1, generator=generator) < 0.5
-    tail = head + 1
-    return Triples(head, tail, torch.where(corrupt_head, (head + shift) % num_numbers, head),
-                   torch.where(corrupt_head, tail, (tail + shift) % num_numbers))
+    return successor_triples(torch.arange(num_numbers - 1), num_numbers, generator)
 
 
 class NumericKG(nn.Module):

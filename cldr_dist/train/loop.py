@@ -96,8 +96,9 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
     pred = predict_part(cfg, shards, model, part, rank, world, device=device, keep_samples=keep,
                         wordpiece=zero_shot and cfg.model.text_tower == "minilm")
     local = {"y": pred["y"], "p": pred["p"]}
+    numbers = NumberTexts(shards.features) if pred["batches"] or relation is not None else None
     if pred["batches"]:
-        local["zs_y"], local["zs_p"] = zeroshot_predict(model, pred["batches"], NumberTexts(shards.features))
+        local["zs_y"], local["zs_p"] = zeroshot_predict(model, pred["batches"], numbers)
     gathered = [local]
     if world > 1:
         gathered = [None] * world
@@ -111,7 +112,6 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
         zp = np.concatenate([g["zs_p"] for g in gathered if "zs_p" in g])
         out[f"{part}_zeroshot_pcc"] = all_metrics(zy, zp)["pcc"]
     if relation is not None:
-        numbers = NumberTexts(shards.features)
         with torch.no_grad():
             feats = model.encode_number_texts(numbers.ids.to(device), numbers.lens.to(device),
                                               numbers.index.to(device))

@@ -97,6 +97,11 @@ class FusionHead(SplitHead):
         return pred, emb
 
 
+def dropout_rate(cfg: ModelConfig, published: float) -> float:
+    """model.dropout, or the base model's published rate where the config leaves it negative."""
+    return published if cfg.dropout < 0 else cfg.dropout
+
+
 def conv_out_len(length: int | torch.Tensor, kernel: int, pool: int):
     """Length after a valid Conv1d(kernel) and MaxPool1d(pool) (floor), as PyTorch computes it."""
     return (length - kernel + 1) // pool

@@ -18,7 +18,7 @@ from torch_geometric.nn import GCNConv, global_max_pool
 
 from cldr_dist.config import ModelConfig
 from cldr_dist.data.batch import DRPBatch
-from cldr_dist.models.drp.base import ATOM_FEATURE_DIM, SplitHead, conv_out_len, register
+from cldr_dist.models.drp.base import ATOM_FEATURE_DIM, SplitHead, conv_out_len, dropout_rate, register
 
 GCN_WIDTHS = (256, 256, 256, 200)   # CLDR's DeepCDR GCN layers
 CELL_WIDTHS = (256, 200)
@@ -77,4 +77,4 @@ class DeepCDR(nn.Module):
 
 @register("deepcdr")
 def build(cfg: ModelConfig, num_cell_features: int) -> DeepCDR:
-    return DeepCDR(num_cell_features, cfg.embed_dim, DROPOUT if cfg.dropout < 0 else cfg.dropout)
+    return DeepCDR(num_cell_features, cfg.embed_dim, dropout_rate(cfg, DROPOUT))

@@ -10,7 +10,7 @@ from torch_geometric.nn import GATConv, GCNConv, global_max_pool, global_mean_po
 from cldr_dist.config import ModelConfig
 from cldr_dist.data.batch import DRPBatch
 from cldr_dist.models.drp.base import (ATOM_FEATURE_DIM, BRANCH_DIM, FusionHead, conv_out_len,
-                                       register)
+                                       dropout_rate, register)
 
 GAT_HEADS = 10
 DRUG_HIDDEN = 1500
@@ -72,4 +72,4 @@ class GraphDRP(nn.Module):
 
 @register("graphdrp")
 def build(cfg: ModelConfig, num_cell_features: int) -> GraphDRP:
-    return GraphDRP(num_cell_features, cfg.embed_dim, DROPOUT if cfg.dropout < 0 else cfg.dropout)
+    return GraphDRP(num_cell_features, cfg.embed_dim, dropout_rate(cfg, DROPOUT))

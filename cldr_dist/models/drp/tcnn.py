@@ -20,7 +20,7 @@ from torch import nn
 
 from cldr_dist.config import ModelConfig
 from cldr_dist.data.batch import DRPBatch
-from cldr_dist.models.drp.base import FusionHead, conv_out_len, register
+from cldr_dist.models.drp.base import FusionHead, conv_out_len, dropout_rate, register
 from cldr_dist.models.drp.graphdrp import CellCNN
 
 NUM_SMILES_CODES = 128       # ASCII codes 1..127, 0 = padding (data/featurize.smiles_codes)
@@ -72,4 +72,4 @@ class TCNN(nn.Module):
 
 @register("tcnn")
 def build(cfg: ModelConfig, num_cell_features: int) -> TCNN:
-    return TCNN(num_cell_features, cfg.embed_dim, DROPOUT if cfg.dropout < 0 else cfg.dropout)
+    return TCNN(num_cell_features, cfg.embed_dim, dropout_rate(cfg, DROPOUT))
