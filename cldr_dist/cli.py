@@ -4,6 +4,7 @@
     cldr pretrain --config configs/demo.yaml    Ray Train + DeepSpeed contrastive pretraining
     cldr finetune --config ...                  MSE finetuning, optionally from a pretrain checkpoint
     cldr experiment --config configs/experiments/NAME.yaml   base vs CLDR per model, split, seed
+    cldr tune --config configs/experiments/NAME.yaml   Ray Tune per model and stage -> NAME_tuned.yaml
     cldr report RUN_DIR [RUN_DIR ...]           an experiment's tables and figures as report.md
     cldr export --checkpoint URL --out DIR      a checkpoint -> a self-contained model directory
     cldr predict --model DIR --smiles S --cells all --out FILE   predictions for new compounds / cell lines
@@ -45,6 +46,20 @@ def cmd_experiment(args) -> None:
         print(f"cldr experiment: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"report: {write_report(run_dir)}")
+
+
+def cmd_tune(args) -> None:
+    from cldr_dist.experiment.spec import load_experiment
+    from cldr_dist.experiment.tune import TuneError, run_tune
+    if not args.config:
+        raise ConfigError("cldr tune needs --config configs/experiments/NAME.yaml")
+    spec = load_experiment(args.config, args.overrides, tuned=False)
+    try:
+        out = run_tune(spec, args.config)
+    except TuneError as e:
+        print(f"cldr tune: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"tuned settings: {out} (cite it as experiment.tuned in {args.config})")
 
 
 def cmd_report(args) -> None:
@@ -91,7 +106,7 @@ def cmd_predict(args) -> int:
 
 
 # these read their own files instead of a training config
-OWN_CONFIG_COMMANDS = {"experiment": cmd_experiment, "report": cmd_report, "export": cmd_export,
+OWN_CONFIG_COMMANDS = {"experiment": cmd_experiment, "tune": cmd_tune, "report": cmd_report, "export": cmd_export,
                        "predict": cmd_predict}
 
 
@@ -127,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="experiment file (configs/experiments/*.yaml)")
     q.add_argument("overrides", nargs="*", help="experiment.key=value, classical.key=value, "
                                                 "common|pretrain|finetune.section.key=value")
+    q = sub.add_parser("tune", help="Ray Tune + ASHA per base model and stage on validation data; "
+                                    "writes the chosen settings for experiment.tuned")
+    q.add_argument("--config", help="experiment file (configs/experiments/*.yaml), its tune: section")
+    q.add_argument("overrides", nargs="*", help="tune.key=value and the experiment's overrides")
     q = sub.add_parser("report", help="report.md and figures of one or more experiment run directories")
     q.add_argument("run_dir", nargs="+", help="the experiment's run directory (experiment.out/experiment.name); "
                                                "more directories add their arms to the same tables, tagged")

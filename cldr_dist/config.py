@@ -18,6 +18,7 @@ from cldr_dist.train.schedule import LR_SCALING, SCHEDULES
 
 ENCODINGS = ("entity", "per_pair", "drugs_only")   # TrainConfig.encoding
 KG_FORMS = ("sampled", "all")                      # LossConfig.kg_form
+SELECTIONS = ("best_val", "last")                  # TrainConfig.select
 
 
 class ConfigError(Exception):
@@ -90,6 +91,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0      # linear warmup over this many epochs of optimizer steps
     min_lr_ratio: float = 0.0
     patience: int = 0               # stop after this many epochs without a better validation score; 0 = never
+    select: str = "best_val"        # the weights a run keeps and tests: best_val = its best validation
+                                    # epoch's | last = its last epoch's (a fixed epoch budget)
+    test_at_end: bool = True        # false: no test pass (tuning trials never look at test)
     weight_decay: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -239,6 +243,9 @@ def validate(cfg: Config) -> None:
     need(cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more")
     need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
     need(cfg.train.patience >= 0, "train.patience must be 0 (no early stopping) or more")
+    need(cfg.train.select in SELECTIONS, f"train.select: {cfg.train.select!r} is not one of {', '.join(SELECTIONS)}")
+    need(cfg.train.select == "best_val" or not cfg.train.patience,
+         "train.patience: early stopping needs train.select=best_val (select=last trains a fixed number of epochs)")
     need(cfg.train.encoding in ENCODINGS, f"train.encoding: {cfg.train.encoding!r} is not one of {', '.join(ENCODINGS)}")
     need(cfg.train.precision in ("auto", "bf16", "fp32"), f"train.precision: {cfg.train.precision!r} is not auto, bf16 or fp32")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")

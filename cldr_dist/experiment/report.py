@@ -19,10 +19,12 @@ import numpy as np
 from cldr_dist.eval.classical import BASELINES
 from cldr_dist.eval.metrics import pearson, spearman
 from cldr_dist.eval.predict import load_predictions
+from cldr_dist.experiment.runner import write_json
 
 METRICS = ("pcc", "scc", "rmse", "mse", "r2", "rmse_ln_ic50")
 PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
-MIXED_GRAPHDRP_TARGET = 0.90       # GraphDRP's published mixed-split PCC is about 0.92-0.93
+MIXED_GRAPHDRP_TARGET = 0.92       # GraphDRP's published mixed-split PCC is about 0.92-0.93
+CONFIDENCE = 0.95                  # of the paired CLDR - MSE-only intervals
 MIN_SAMPLES_PER_DRUG = 10          # per-drug PCC of fewer pairs is noise
 FIGURE_DPI = 110
 BAR_WIDTH_IN = 0.12                # inches per bar of the per-drug chart
@@ -169,6 +171,71 @@ def claims(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
         out.append(f"- Best CLDR drug-blind PCC: {pcc:.4f} ({best}); paper {PAPER_DRUG_BLIND_PCC}: "
                    f"{'reached' if pcc >= PAPER_DRUG_BLIND_PCC else 'NOT reached'}.")
     return out
+
+
+def paired_difference(diffs: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean of per-seed differences with a two-sided Student-t interval (none from one seed)."""
+    from scipy import stats
+    d = np.asarray(diffs, float)
+    out = {"per_seed": [float(x) for x in d], "n": int(len(d)), "mean": float(d.mean()) if len(d) else None,
+           "ci95": None}
+    if len(d) > 1:
+        half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        out["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
+    return out
+
+
+def epochs_reached(r: dict) -> int | None:
+    """The epochs the arm's last training run completed (its finetune; classical: none)."""
+    stage = (r.get("stages") or {}).get("finetune") or {}
+    return stage.get("epochs_run", stage.get("epoch"))
+
+
+def arm_summary(rs: list[dict]) -> dict:
+    """Mean and std over seeds of one (model, split, arm)."""
+    def ms(values):
+        m, sd = mean_std(values)
+        return {"mean": None if np.isnan(m) else m, "std": None if np.isnan(sd) else sd}
+    per_drug = [float(np.mean(list(v.values()))) if (v := per_drug_pcc(load_predictions(
+        str(file_of(r, "predictions", ".npz"))))) else None for r in rs]
+    return {"seeds": sorted(r["seed"] for r in rs), "n_seeds": len(rs),
+            "pcc": ms([r["metrics"]["pcc"] for r in rs]), "rmse": ms([r["metrics"]["rmse"] for r in rs]),
+            "per_drug_pcc": ms(per_drug), "zeroshot_pcc": ms([r.get("zeroshot_pcc") for r in rs]),
+            "epochs_reached": [epochs_reached(r) for r in rs]}
+
+
+def summary(groups: dict[str, dict[str, list[dict]]]) -> dict:
+    """summary.json: every row's mean and std over seeds, and per base model and split the
+    paired CLDR - MSE-only test PCC difference per shared seed with its 95% interval."""
+    arms = {split: {label: arm_summary(rs) for label, rs in rows.items()} for split, rows in groups.items()}
+    paired = {}
+    for split, rows in groups.items():
+        for label, rs in rows.items():
+            if not label.endswith("(MSE only)") or (cldr := f"{label.split(' (')[0]} (cldr)") not in rows:
+                continue
+            base = {r["seed"]: r["metrics"]["pcc"] for r in rs}
+            tuned = {r["seed"]: r["metrics"]["pcc"] for r in rows[cldr]}
+            seeds = sorted(set(base) & set(tuned))
+            paired.setdefault(split, {})[label.split(" (")[0]] = {
+                "seeds": seeds, "metric": "test pcc, cldr minus mse-only",
+                **paired_difference([tuned[s] - base[s] for s in seeds])}
+    return {"arms": arms, "paired_cldr_minus_mse": paired}
+
+
+def paired_lines(paired: dict) -> list[str]:
+    lines = []
+    for split in sorted(paired, key=lambda sp: sp != "drug_blind"):
+        for model, d in paired[split].items():
+            if d["ci95"] is None:
+                lines.append(f"- {split}, {model}: CLDR - MSE-only PCC {d['mean']:+.4f} from {d['n']} seed: "
+                             f"no interval; NOT shown with a 95% interval.")
+                continue
+            lo, hi = d["ci95"]
+            verdict = ("CLDR higher, interval excludes zero" if lo > 0 else
+                       "MSE-only higher, interval excludes zero" if hi < 0 else "interval includes zero: NOT shown")
+            lines.append(f"- {split}, {model}: CLDR - MSE-only PCC {d['mean']:+.4f}, 95% interval "
+                         f"[{lo:+.4f}, {hi:+.4f}] over {d['n']} paired seeds: {verdict}.")
+    return lines
 
 
 def per_drug_pcc(pred: dict) -> dict[str, float]:
@@ -405,7 +472,9 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
               "no regression head, predicting the number text nearest to the sample.", ""]
     for split, rows in groups.items():
         lines += [f"## {split}", "", *table(rows), "", f"![predicted vs true]({fig_pred_vs_true(dest, rows, split)})", ""]
-    lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]), ""]
+    summ = summary(groups)
+    lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]),
+              *paired_lines(summ["paired_cldr_minus_mse"]), ""]
     if variants := variant_lines(groups):
         lines += ["## CLDR variants against plain CLDR", "", *variants, ""]
     if "drug_blind" in groups and (fig := fig_per_drug(dest, groups["drug_blind"])):
@@ -426,4 +495,5 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
     tmp = dest / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(report)
+    write_json(dest / "summary.json", summ)
     return report

@@ -32,7 +32,7 @@ from cldr_dist.eval.predict import save_predictions
 from cldr_dist.experiment.spec import ExperimentSpec, stage_config, storage_path
 
 DETERMINISTIC_BASELINES = ("train_mean", "drug_mean", "ridge")   # one run per split, whatever the seeds
-PINNED_KEYS = ("layers", "classical", "variants")  # what a resumed experiment may not change
+PINNED_KEYS = ("layers", "by_split", "tuned_settings", "classical", "variants")  # a resumed experiment keeps these
 
 
 class ExperimentError(Exception):
@@ -95,8 +95,8 @@ def pin_spec(spec: ExperimentSpec) -> None:
     write_json(path, {"spec": current, "machine": machine(), "commands": commands})
 
 
-def checkpoint_url(result, cfg: Config) -> str:
-    path = result.checkpoint.path
+def checkpoint_url(path: str, cfg: Config) -> str:
+    """A checkpoint path as Ray reports it, as a URL this project reads."""
     if storage.is_s3(cfg.ray.storage_path) and not path.startswith("s3://"):
         return "s3://" + path.lstrip("/")  # Ray reports S3 paths without their scheme
     return path
@@ -120,12 +120,21 @@ def run_stage(spec: ExperimentSpec, cfg: Config, run: str, log) -> dict:
     curve = storage.join(trainer.log_dir(cfg), f"{cfg.train.mode}_metrics.csv")  # on the run's storage
     if storage.exists(curve):
         storage.write_bytes(str(spec.run_dir / "curves" / f"{run}.csv"), storage.read_bytes(curve))
-    record = {"run": cfg.ray.name, "mode": cfg.train.mode, "checkpoint": checkpoint_url(result, cfg),
+    record = {"run": cfg.ray.name, "mode": cfg.train.mode, "checkpoint": checkpoint_url(result.checkpoint.path, cfg),
               "wall_s": time.time() - t0,
               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
               "config": cfg.to_dict()}
     write_json(record_path, record)
     return record
+
+
+def stage_summary(record: dict) -> dict:
+    """What the report needs of a training run: its length, and whether early stopping or the
+    epoch cap (train.epochs) ended it."""
+    m = record["metrics"]
+    return {"run": record["run"], "wall_s": record["wall_s"], "step": m.get("step"), "epoch": m.get("epoch"),
+            "epochs_run": m.get("epochs_run"), "epochs_cap": record["config"]["train"]["epochs"],
+            "selected_epoch": m.get("selected_epoch"), "stopped_early": bool(m.get("stopped_early"))}
 
 
 def run_deep(spec: ExperimentSpec, arm: Arm, log) -> dict:
@@ -149,8 +158,7 @@ def run_deep(spec: ExperimentSpec, arm: Arm, log) -> dict:
     predictions = predict_part(fine, shards, model, "test")
     save_predictions(str(spec.run_dir / "predictions" / f"{arm.key}.npz"), predictions)
     out = {"metrics": all_metrics(predictions["y"], predictions["p"]),
-           "stages": {k: {"run": v["run"], "wall_s": v["wall_s"], "step": v["metrics"].get("step"),
-                          "epoch": v["metrics"].get("epoch")} for k, v in stages.items()}}
+           "stages": {k: stage_summary(v) for k, v in stages.items()}}
     if "pretrain" in stages:
         out["zeroshot_pcc"] = stages["pretrain"]["metrics"].get("test_zeroshot_pcc")
         pretrained = make_model(stage_config(spec, "pretrain", arm.model, arm.split, arm.seed, arm.variant), shards)

@@ -1,13 +1,20 @@
 """An experiment file (configs/experiments/*.yaml): which base models, splits and seeds to run,
 and the run settings of each stage, as layers of the ordinary training config.
 
-    experiment:  name, out, models, splits, seeds, arms, variants   (ExperimentSpec below)
+    experiment:  name, out, models, splits, seeds, arms, variants, tuned   (ExperimentSpec below)
     classical:   the classical baselines                             (eval/classical.py)
+    tune:        what `cldr tune` searches, and how long              (TuneSpec below)
     common:      config sections for every run (data, ray, ...)
     pretrain:    config sections layered on common for CLDR pretraining
     finetune:    config sections layered on common for finetuning and for the MSE-only base model
     cldr_finetune: config sections layered on finetune for the CLDR arm's finetune only (CLDR
                  finetunes its pretrained model at lr 1e-5, far below a model trained from scratch)
+    by_split:    {split: config sections} layered on every stage of that split's runs
+
+A run's settings, lowest layer first: common, its stage, cldr_finetune (the CLDR arm's
+finetune), the tuned settings of its base model and stage (experiment.tuned, written by
+`cldr tune`), by_split of its split, its variant. With train.select=last and tuned settings,
+train.epochs is the tuned trial's best epoch: a fixed budget chosen on the tuning split.
 
 A variant is an extra CLDR arm with its own layers on top of pretrain and/or finetune, e.g.
     variants: {gb1024: {pretrain: {train: {batch_size: 1024}}}}
@@ -32,7 +39,38 @@ from cldr_dist.eval.classical import BASELINES, ClassicalConfig
 ARMS = ("base", "cldr")
 STAGES = ("common", "pretrain", "finetune", "cldr_finetune")
 SPLITS = ("mixed", "cell_blind", "drug_blind")
-INTERNAL_FIELDS = ("classical", "layers", "command")   # not settable as experiment.KEY
+TUNED_STAGES = ("base", "pretrain", "cldr_finetune")   # what `cldr tune` tunes per base model
+INTERNAL_FIELDS = ("classical", "tune", "layers", "by_split", "tuned_settings", "command")  # not experiment.KEY
+DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+
+
+def _default_space() -> dict:
+    return {"train.lr": {"loguniform": [1e-5, 3e-3]}, "model.dropout": {"choice": [0.1, 0.3, 0.5]},
+            "train.weight_decay": {"choice": [0.0, 1e-5, 1e-4]}, "train.warmup_epochs": {"choice": [0, 1]},
+            "train.batch_size": {"choice": [1024, 4096]}}
+
+
+def _default_pretrain_space() -> dict:
+    return {"train.lr": {"loguniform": [1e-5, 1e-3]}, "model.dropout": {"choice": [0.1, 0.3]},
+            "train.weight_decay": {"choice": [0.0, 1e-4]}, "train.warmup_epochs": {"choice": [0, 1]},
+            "train.batch_size": {"choice": [2048, 8192]}}
+
+
+@dataclass
+class TuneSpec:
+    """`cldr tune`: per base model, random search with ASHA early stopping over the settings in
+    `space`, on the validation part of `split` only. Every tuned stage (base, pretrain,
+    cldr_finetune) gets the same number of trials and epochs, so both arms are tuned alike."""
+    split: str = "mixed"            # tune on this split's validation part; never on test
+    trials: int = 4                 # per base model and stage
+    max_epochs: int = 8             # a trial's epoch cap
+    grace_epochs: int = 2           # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = 2       # ASHA: keep 1 in this many trials at each rung
+    concurrent: int = 1             # trials at once (each takes ray.num_workers x ray.cpus_per_worker CPUs)
+    seed: int = 171                 # the search's own random draws
+    space: dict = field(default_factory=_default_space)                  # base and cldr_finetune: the same
+    pretrain_space: dict = field(default_factory=_default_pretrain_space)
+    out: str = ""                   # the chosen settings; default configs/experiments/NAME_tuned.yaml
 
 
 @dataclass
@@ -44,8 +82,12 @@ class ExperimentSpec:
     seeds: list[int] = field(default_factory=lambda: [171])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     variants: dict = field(default_factory=dict)      # name -> {pretrain: sections, finetune: sections}
+    tuned: str = ""                 # settings chosen by `cldr tune` (a YAML file it wrote)
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
+    tune: TuneSpec = field(default_factory=TuneSpec)
     layers: dict = field(default_factory=lambda: {s: {} for s in STAGES})
+    by_split: dict = field(default_factory=dict)      # split -> config sections
+    tuned_settings: dict = field(default_factory=dict)  # the tuned file's content: model -> stage -> entry
     command: str = ""               # how it was started, for the report (set by load_experiment)
 
     @property
@@ -79,19 +121,33 @@ def _merge(base: dict, layer: dict) -> dict:
     return out
 
 
+def tuned_stage(stage: str, pretrained: bool) -> str:
+    """The name `cldr tune` gives a training stage: base, pretrain or cldr_finetune."""
+    if stage == "pretrain":
+        return "pretrain"
+    return "cldr_finetune" if pretrained else "base"
+
+
 def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed: int,
-                 variant: str = "", pretrained: bool = False) -> Config:
+                 variant: str = "", pretrained: bool = False, tuned: bool = True) -> Config:
     """The training config of one stage ("pretrain" or "finetune") of one arm; `pretrained`:
-    the finetune of a CLDR arm, with the cldr_finetune layer on top of finetune's."""
+    the finetune of a CLDR arm, with the cldr_finetune layer on top of finetune's; `tuned`:
+    with the settings `cldr tune` chose (False: the settings it starts its search from)."""
     sections = _merge(spec.layers.get("common", {}), spec.layers.get(stage, {}))
     if stage == "finetune" and pretrained:
         sections = _merge(sections, spec.layers.get("cldr_finetune", {}))
+    chosen = spec.tuned_settings.get(model, {}).get(tuned_stage(stage, pretrained)) if tuned else None
+    if chosen:
+        sections = _merge(sections, chosen["settings"])
+    sections = _merge(sections, spec.by_split.get(split, {}))
     if variant:
         sections = _merge(sections, spec.variants[variant].get(stage, {}))
     cfg = Config()
     for section, values in sections.items():
         for key, value in values.items():
             apply_setting(cfg, section, key, value)
+    if chosen and cfg.train.select == "last":
+        cfg.train.epochs = chosen["best_epoch"]
     cfg.model.drp, cfg.data.split, cfg.train.seed, cfg.train.mode = model, split, seed, stage
     cfg.ray.storage_path = storage_path(spec)
     check_shared_storage(cfg, {"ray.storage_path": "common.ray.storage_path"})
@@ -104,7 +160,9 @@ def storage_path(spec: ExperimentSpec) -> str:
     return spec.layers.get("common", {}).get("ray", {}).get("storage_path") or str((spec.run_dir / "ray").resolve())
 
 
-def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSpec:
+def load_experiment(path: str | Path, overrides: list[str] = (), tuned: bool = True) -> ExperimentSpec:
+    """tuned=False: without experiment.tuned's settings (what `cldr tune` starts from, also
+    before the file exists)."""
     path = Path(path)
     raw = read_sections(path, "experiment")
     spec = ExperimentSpec(name=path.stem)
@@ -113,10 +171,15 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSp
             _set_fields(spec, values, "experiment")
         elif top == "classical":
             _set_fields(spec.classical, values, "classical")
+        elif top == "tune":
+            _set_fields(spec.tune, values, "tune")
         elif top in STAGES:
             spec.layers[top] = values
+        elif top == "by_split":
+            spec.by_split = values
         else:
-            raise ConfigError(f"{path}: unknown section {top!r}; known: experiment, classical, {', '.join(STAGES)}")
+            raise ConfigError(f"{path}: unknown section {top!r}; known: experiment, classical, tune, "
+                              f"{', '.join(STAGES)}, by_split")
     for item in overrides:
         dotted, sep, value = item.partition("=")
         keys = dotted.split(".")
@@ -125,16 +188,59 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentSp
         value = yaml.safe_load(value) if value else ""
         if keys[0] == "experiment" and len(keys) == 2:
             _set_fields(spec, {keys[1]: value}, "experiment")
-        elif keys[0] == "classical" and len(keys) == 2:
-            _set_fields(spec.classical, {keys[1]: value}, "classical")
+        elif keys[0] in ("classical", "tune") and len(keys) == 2:
+            _set_fields(getattr(spec, keys[0]), {keys[1]: value}, keys[0])
         elif keys[0] in STAGES and len(keys) == 3:
             spec.layers[keys[0]].setdefault(keys[1], {})[keys[2]] = value
         else:
-            raise ConfigError(f"override {item!r}: use experiment.KEY, classical.KEY or "
+            raise ConfigError(f"override {item!r}: use experiment.KEY, classical.KEY, tune.KEY or "
                               f"{'|'.join(STAGES)}.SECTION.KEY")
+    if spec.tuned and tuned:
+        spec.tuned_settings = read_tuned(spec.tuned)
     check(spec)
     spec.command = " ".join(["cldr experiment --config", str(path), *overrides])
     return spec
+
+
+def tuned_path(spec: ExperimentSpec, config_path: str | Path) -> Path:
+    """Where `cldr tune` writes the chosen settings of this experiment file."""
+    path = Path(config_path)
+    return Path(spec.tune.out) if spec.tune.out else path.with_name(f"{path.stem}_tuned.yaml")
+
+
+def read_tuned(path: str | Path) -> dict:
+    """A tuned-settings file: {model: {stage: {settings: sections, best_epoch: int, ...}}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment.tuned: {path} not found; `cldr tune --config` on this experiment writes it")
+    raw = read_sections(path, "tuned settings")
+    for model, stages in raw.items():
+        for stage, entry in stages.items():
+            if stage not in TUNED_STAGES or not isinstance(entry, dict) or "settings" not in entry \
+                    or not isinstance(entry.get("best_epoch"), int):
+                raise ConfigError(f"{path}: {model}.{stage} is not a tuned stage entry "
+                                  f"({'|'.join(TUNED_STAGES)} with settings and best_epoch)")
+    return raw
+
+
+def check_space(space: dict, where: str) -> None:
+    """Every searched key is a config key, with a distribution this project knows."""
+    for dotted, dist in space.items():
+        section, _, key = str(dotted).partition(".")
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}.{dotted}: expected one of {{{': [...], '.join(DISTRIBUTIONS)}: [...]}}")
+        (kind, values), = dist.items()
+        if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
+            raise ConfigError(f"{where}.{dotted}: {kind} needs " + ("a list of values" if kind == "choice" else "[low, high]"))
+        if kind != "choice" and not (isinstance(values[0], (int, float)) and values[0] < values[1]
+                                     and (kind == "uniform" or values[0] > 0)):
+            raise ConfigError(f"{where}.{dotted}: {kind} needs 0 < low < high" if kind == "loguniform"
+                              else f"{where}.{dotted}: uniform needs low < high")
+        for value in values:
+            try:
+                apply_setting(Config(), section, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.{dotted}: {e}") from None
 
 
 def check(spec: ExperimentSpec) -> None:
@@ -147,6 +253,16 @@ def check(spec: ExperimentSpec) -> None:
     need(all(a in ARMS for a in spec.arms), f"experiment.arms: unknown arm in {spec.arms}; choose from {', '.join(ARMS)}")
     need(all(b in BASELINES for b in spec.classical.baselines),
          f"classical.baselines: unknown baseline in {spec.classical.baselines}; choose from {', '.join(BASELINES)}")
+    for split in spec.by_split:
+        need(split in SPLITS and isinstance(spec.by_split[split], dict),
+             f"by_split: {split!r} is not a split ({', '.join(SPLITS)}) with config sections")
+    need(spec.tune.split in SPLITS, f"tune.split: unknown split {spec.tune.split!r}")
+    for key in ("trials", "max_epochs", "grace_epochs", "reduction_factor", "concurrent"):
+        need(getattr(spec.tune, key) >= (2 if key == "reduction_factor" else 1),
+             f"tune.{key} must be at least {2 if key == 'reduction_factor' else 1}")
+    need(spec.tune.grace_epochs <= spec.tune.max_epochs, "tune.grace_epochs must not exceed tune.max_epochs")
+    check_space(spec.tune.space, "tune.space")
+    check_space(spec.tune.pretrain_space, "tune.pretrain_space")
     for name, layers in spec.variants.items():
         need(isinstance(layers, dict) and set(layers) <= {"pretrain", "finetune"},
              f"experiment.variants.{name}: expected a mapping with pretrain and/or finetune sections")

@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
         """Keeps the weights of the best validation epoch and counts the epochs since."""
         nonlocal best_weights
         score = metrics.get(select_key)
-        if takes_selection(score, state.best_score, lower_is_better):
+        if cfg.train.select == "last" or takes_selection(score, state.best_score, lower_is_better):
             state.best_score = None if score is None or math.isnan(score) else score
             state.best_epoch, state.stale_epochs, best_weights = state.epoch, 0, weights
         else:
@@ -305,6 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
             epoch_metrics = evaluate(cfg, shards, plain_copy(cfg, shards, weights, device), "val", rank, world,
                                      zero_shot, device, weights.get("kg.relation"))
             select(weights, epoch_metrics)
+            epoch_metrics["epochs_done"] = state.epoch   # what `cldr tune`'s early stopping counts
             state.metrics.update(epoch_metrics)
             log.scalars(state.epoch, state.step, epoch_metrics)
             log.line(f"end of epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()
@@ -317,16 +318,19 @@ def train_loop_per_worker(config: dict) -> None:
                                                best_weights))
             window_t, window_samples = time.time(), 0
 
-    # Test metrics come from the best validation epoch's weights, as the papers report; a run
-    # cut by max_steps mid-epoch before any epoch ended has only its last weights.
+    # Test metrics come from the selected epoch's weights: the best validation epoch's, as the
+    # papers report, or with train.select=last the last epoch's; a run cut by max_steps
+    # mid-epoch before any epoch ended has only its last weights.
     weights = full_state_dict(engine)
     selected = best_weights if best_weights is not None else weights
-    final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot, device,
-                     selected.get("kg.relation"))
+    final = {}
+    if cfg.train.test_at_end:
+        final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot,
+                         device, selected.get("kg.relation"))
     final.update(selected_epoch=state.best_epoch if best_weights is not None else state.epoch,
                  stopped_early=int(stopped_early()), epochs_run=state.epoch)
     state.metrics.update(final)
     state.metrics["done"] = True
     log.scalars(state.epoch, state.step, final)
-    log.line("test: " + " ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    log.line(("test: " if cfg.train.test_at_end else "end, no test pass: ") + " ".join(f"{k} {v:.4g}" for k, v in final.items()))
     save_checkpoint(engine, objective, weights, state, rank, state.metrics, log, best_weights)

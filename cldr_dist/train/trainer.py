@@ -37,11 +37,15 @@ ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+$")
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def unreachable_state_api() -> str:
+def free_local_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def unreachable_state_api() -> str:
+    return f"http://127.0.0.1:{free_local_port()}"
 
 
 def worker_env() -> dict[str, str]:
@@ -73,10 +77,14 @@ def ensure_ray(cfg: Config) -> None:
     start_ray(cfg.ray.address, max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1))
 
 
-def start_ray(address: str | None, local_cpus: int) -> bool:
+def start_ray(address: str | None, local_cpus: int, state_api: bool = False) -> bool:
     """Joins the cluster at `address`, or starts a local Ray instance of `local_cpus` CPUs,
     unless this process is already connected; returns whether this call connected it (so the
-    caller that started Ray may shut it down). Training and `cldr predict --ray` both start here."""
+    caller that started Ray may shut it down). Training and `cldr predict --ray` both start here.
+    state_api: a local instance gets its own dashboard and the State API points at it. Ray
+    Train's placement-group cleaner then sees a controller that was killed (a Tune trial that
+    ASHA stopped) and frees its workers' CPUs; without it they stay reserved until this process
+    exits."""
     import ray
     if ray.is_initialized():
         return False
@@ -89,10 +97,13 @@ def start_ray(address: str | None, local_cpus: int) -> bool:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     else:
-        os.environ[STATE_API_ENV] = unreachable_state_api()
+        port = free_local_port()
+        os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"   # unreachable unless state_api
+        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port} \
+            if state_api else {"include_dashboard": False}
         # address="local": without it ray.init joins whatever cluster this machine started last
-        ray.init(address="local", num_cpus=local_cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=local_cpus, runtime_env=runtime_env, log_to_driver=True,
+                 logging_level=logging.WARNING, **dashboard)
     console.filter_worker_output()
     return True
 
@@ -144,8 +155,9 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"train.init_from: no model.pt in {cfg.train.init_from}")
 
 
-def run(cfg: Config):
-    """Runs (or resumes) cfg.ray.name; returns the ray.train Result."""
+def run(cfg: Config, callbacks: list | None = None):
+    """Runs (or resumes) cfg.ray.name; returns the ray.train Result. callbacks: Ray Train
+    callbacks of the driver (`cldr tune` passes Tune's reporter)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     cfg = absolute_paths(cfg)
@@ -160,7 +172,7 @@ def run(cfg: Config):
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
                                                placement_strategy=cfg.ray.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=cfg.ray.name, storage_path=path, storage_filesystem=fs,
+            name=cfg.ray.name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # Ray Train's own INFO lines (resources requested, worker group started, process
             # group set up) stay in its log files; its warnings and errors reach the console

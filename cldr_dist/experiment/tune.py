@@ -1,0 +1,251 @@
+"""`cldr tune --config configs/experiments/NAME.yaml`: per base model, Ray Tune searches the
+settings of each stage (base = the MSE-only model, pretrain, cldr_finetune = CLDR's finetune of
+the chosen pretrained model) with ASHA early stopping, on the validation part of `tune.split`
+only; each trial is an ordinary training run (a TorchTrainer) that never runs its test pass.
+
+Both arms get the same search: as many trials, the same epoch cap and the same ASHA rungs, and
+base and cldr_finetune search the same space. What it writes:
+
+    STORAGE/NAME-tune-MODEL-STAGE/        Ray Tune's experiment (every trial's results)
+    STORAGE/NAME-tune-MODEL-STAGE-ID/     each trial's training run (checkpoints, logs)
+    RUN_DIR/tune/MODEL-STAGE.json         every trial: settings, epochs reached, best validation score
+    tune.out (configs/experiments/NAME_tuned.yaml)   the chosen settings, which the experiment
+                                          cites as experiment.tuned
+
+A rerun skips stages already in RUN_DIR/tune/; an interrupted stage starts its search again.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from cldr_dist.config import Config, apply_setting, config_from_dict
+from cldr_dist.data import storage
+from cldr_dist.experiment.spec import TUNED_STAGES, ExperimentSpec, stage_config, storage_path, tuned_path
+from cldr_dist.train.schedule import SELECT_METRIC
+
+EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/loop.py)
+CHECKPOINT_KEY = "checkpoint_path"  # Tune's reporter adds the Train checkpoint's path under this key
+TRIAL_CPU = 0.01                   # what a trial itself reserves (Tune refuses 0): it only waits
+
+
+class TuneError(Exception):
+    """A tuning stage produced no usable trial; the message names it."""
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+def search_space(space: dict) -> dict:
+    """Our YAML distributions ({"train.lr": {"loguniform": [a, b]}}) as Tune's sampling objects."""
+    from ray import tune
+    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+            "choice": tune.choice}
+    return {key: make[kind](values) for key, dist in space.items() for kind, values in dist.items()}
+
+
+def nested(params: dict) -> dict:
+    """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}}: config sections, as the experiment layers."""
+    out: dict = {}
+    for dotted, value in params.items():
+        section, key = dotted.split(".", 1)
+        out.setdefault(section, {})[key] = value.item() if hasattr(value, "item") else value
+    return out
+
+
+def trial_summary(params: dict, history: list[dict], metric: str, lower_is_better: bool) -> dict:
+    """One trial from its reported rows: epochs reached and its best validation epoch."""
+    scored = [r for r in history if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])
+              and r.get(EPOCH_KEY) is not None]
+    epochs = max((int(r[EPOCH_KEY]) for r in scored), default=0)
+    if not scored:
+        return {"params": params, "epochs": 0, "best_epoch": 0, "score": None}
+    best = (min if lower_is_better else max)(scored, key=lambda r: r[metric])
+    return {"params": params, "epochs": epochs, "best_epoch": int(best[EPOCH_KEY]), "score": float(best[metric])}
+
+
+def choose(trials: list[dict], lower_is_better: bool) -> dict:
+    """The trial with the best validation score at any of its epochs."""
+    scored = [t for t in trials if t["score"] is not None]
+    if not scored:
+        raise TuneError("no trial reported a validation score")
+    return (min if lower_is_better else max)(scored, key=lambda t: t["score"])
+
+
+# ----------------------------------------------------------------------------- Ray side
+
+def _epoch_reporter(metric: str):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReports(TuneReportCallback):
+        """Forwards rank 0's end-of-epoch reports, the ones carrying the validation metric, to
+        Tune: one Tune result per epoch (the step reports in between only log progress)."""
+        def after_report(self, run_context, metrics, checkpoint):
+            if metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+    return EpochReports()
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the stage's training run with the sampled settings."""
+    import ray.tune
+
+    from cldr_dist.train import trainer
+    cfg = config_from_dict(config["cfg"])
+    for section, values in nested(config["params"]).items():
+        for key, value in values.items():
+            apply_setting(cfg, section, key, value)
+    cfg = config_from_dict(cfg.to_dict())   # validated again, with the sampled settings
+    cfg.ray.name = f"{config['run']}-{ray.tune.get_context().get_trial_id()}"
+    trainer.run(cfg, callbacks=[_epoch_reporter(SELECT_METRIC[cfg.train.mode][0])])
+
+
+def trial_config(spec: ExperimentSpec, model: str, stage: str, init_from: str = "") -> Config:
+    """The settings a search starts from: the experiment's layers without tuned settings, on
+    the tuning split, for at most max_epochs, validated every epoch and never tested."""
+    from cldr_dist.train.trainer import absolute_paths
+    mode = "pretrain" if stage == "pretrain" else "finetune"
+    cfg = stage_config(spec, mode, model, spec.tune.split, spec.tune.seed, pretrained=stage == "cldr_finetune",
+                       tuned=False)
+    cfg.train.epochs, cfg.train.patience, cfg.train.select, cfg.train.test_at_end = \
+        spec.tune.max_epochs, 0, "best_val", False
+    cfg.train.init_from = init_from
+    return absolute_paths(cfg)   # trials run in their own working directories
+
+
+def _progress_callback(model: str, stage: str, metric: str):
+    from ray.tune import Callback
+
+    def log(line: str) -> None:   # Tune pickles its callbacks: no reference to the caller's logger
+        print(line, flush=True)
+
+    class TrialLog(Callback):
+        """One line per validated epoch and per finished trial, on stdout."""
+        seen: set = set()   # Ray Train hands an epoch's report to Tune again with its checkpoint
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if metric in result and (trial.trial_id, result.get(EPOCH_KEY)) not in self.seen:
+                self.seen.add((trial.trial_id, result.get(EPOCH_KEY)))
+                log(f"    {model} {stage} trial {trial.trial_id}: epoch {result.get(EPOCH_KEY)} "
+                    f"{metric} {result[metric]:.5g}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            log(f"    {model} {stage} trial {trial.trial_id} ended: {_short(trial.config['params'])}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log(f"    {model} {stage} trial {trial.trial_id} failed; logs under {trial.path}")
+    return TrialLog()
+
+
+def _short(params: dict) -> str:
+    return " ".join(f"{k.split('.')[-1]} {v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                    for k, v in params.items())
+
+
+def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log) -> dict:
+    """Runs one search and returns its record: every trial, the chosen one, its checkpoint."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from cldr_dist.experiment.runner import checkpoint_url
+    from cldr_dist.train.trainer import preflight, root_cause, storage_target
+    cfg = trial_config(spec, model, stage, init_from)
+    preflight(cfg)   # a missing shard set or checkpoint is one line here, not an error per trial
+    metric, lower_is_better = SELECT_METRIC[cfg.train.mode]
+    space = spec.tune.pretrain_space if stage == "pretrain" else spec.tune.space
+    run = f"{spec.name}-tune-{model}-{stage}"
+    path, fs = storage_target(cfg.ray.storage_path)
+    tuner = tune.Tuner(
+        # the trial only waits on its TorchTrainer, whose workers hold the CPUs
+        tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
+        param_space={"cfg": cfg.to_dict(), "run": run, "params": search_space(space)},
+        tune_config=tune.TuneConfig(
+            metric=metric, mode="min" if lower_is_better else "max", num_samples=spec.tune.trials,
+            search_alg=BasicVariantGenerator(random_state=spec.tune.seed, max_concurrent=spec.tune.concurrent),
+            scheduler=ASHAScheduler(time_attr=EPOCH_KEY, max_t=spec.tune.max_epochs,
+                                    grace_period=spec.tune.grace_epochs,
+                                    reduction_factor=spec.tune.reduction_factor)),
+        run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
+                                  callbacks=[_progress_callback(model, stage, metric)]))
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        summary = trial_summary(result.config["params"], history, metric, lower_is_better)
+        checkpoints = [r[CHECKPOINT_KEY] for r in history if isinstance(r.get(CHECKPOINT_KEY), str)]
+        summary.update(checkpoint=checkpoint_url(checkpoints[-1], cfg) if checkpoints else "",
+                       error=root_cause(result.error) if result.error else "")
+        trials.append(summary)
+    try:
+        best = choose(trials, lower_is_better)
+    except TuneError as e:
+        errors = [t["error"] for t in trials if t["error"]]
+        raise TuneError(f"{run}: {e}" + (f" (first error: {errors[0]})" if errors else "")) from None
+    return {"model": model, "stage": stage, "split": spec.tune.split, "metric": metric,
+            "lower_is_better": lower_is_better, "trials": trials, "chosen": best,
+            "settings": nested(best["params"]), "best_epoch": best["best_epoch"],
+            "checkpoint": best["checkpoint"], "max_epochs": spec.tune.max_epochs}
+
+
+def tuned_entry(record: dict) -> dict:
+    """What the experiment reads back from the tuned-settings file for one stage."""
+    return {"settings": record["settings"], "best_epoch": record["best_epoch"], "metric": record["metric"],
+            "score": record["chosen"]["score"], "trials": len(record["trials"]), "split": record["split"]}
+
+
+def write_tuned(path: Path, records: list[dict], command: str) -> None:
+    tuned: dict = {}
+    for r in records:
+        tuned.setdefault(r["model"], {})[r["stage"]] = tuned_entry(r)
+    header = (f"# Written by `{command}` on {datetime.date.today()}: the settings Ray Tune chose per base\n"
+              f"# model and stage on validation data only (never test). The experiment cites this file as\n"
+              f"# experiment.tuned; best_epoch is the chosen trial's best validation epoch.\n")
+    storage.write_bytes(str(path), (header + yaml.safe_dump(tuned, sort_keys=False)).encode())
+
+
+def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
+    """Tunes every base model's stages in order (cldr_finetune starts from the chosen
+    pretrained model); returns the tuned-settings file."""
+    import ray
+    out = tuned_path(spec, config_path)
+    records, started = [], False
+    try:
+        for model in spec.models:
+            for stage in TUNED_STAGES:
+                record_path = spec.run_dir / "tune" / f"{model}-{stage}.json"
+                if record_path.is_file():
+                    record = json.loads(record_path.read_text())
+                    log(f"{model} {stage}: tuned earlier ({record['metric']} {record['chosen']['score']:.5g})")
+                else:
+                    if not started:
+                        started = _start_ray(spec, model)
+                    record = _tune_and_record(spec, model, stage, records, record_path, log)
+                records.append(record)
+                write_tuned(out, records, spec.command.replace("cldr experiment", "cldr tune", 1))
+    finally:
+        if started:
+            ray.shutdown()
+    return out
+
+
+def _start_ray(spec: ExperimentSpec, model: str) -> bool:
+    from cldr_dist.train.trainer import start_ray
+    cfg = stage_config(spec, "finetune", model, spec.tune.split, spec.tune.seed, tuned=False)
+    cpus = spec.tune.concurrent * cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    return start_ray(cfg.ray.address, max(2, int(cpus) + 1), state_api=True)
+
+
+def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, records: list[dict], record_path: Path,
+                     log) -> dict:
+    init_from = records[-1]["checkpoint"] if stage == "cldr_finetune" else ""
+    log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.max_epochs} epochs each, "
+        f"on {spec.tune.split} validation")
+    record = tune_stage(spec, model, stage, init_from, log)
+    storage.write_bytes(str(record_path), json.dumps(record, indent=1, default=float).encode())
+    log(f"{model} {stage}: chose {_short(record['chosen']['params'])} "
+        f"({record['metric']} {record['chosen']['score']:.5g} at epoch {record['best_epoch']})")
+    return record

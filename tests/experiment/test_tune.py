@@ -1,0 +1,154 @@
+"""`cldr tune`: the pure parts (search space, trial summaries, the tuned-settings file and how an
+experiment layers it), then a tiny real search (Ray Tune + ASHA over TorchTrainer runs) end to end."""
+import json
+import time
+
+import pytest
+import yaml
+
+from cldr_dist import cli
+from cldr_dist.config import ConfigError
+from cldr_dist.experiment.spec import load_experiment, stage_config
+from cldr_dist.experiment.tune import choose, nested, trial_summary
+
+from tests.conftest import REPO, own_state_api
+
+
+def test_trial_summary_takes_the_best_validated_epoch():
+    history = [{"step": 5, "epoch": 0, "loss": 1.0},                      # a step report: no metric
+               {"val_mse": 0.04, "epochs_done": 1}, {"val_mse": 0.02, "epochs_done": 2},
+               {"val_mse": 0.03, "epochs_done": 3}, {"val_mse": float("nan"), "epochs_done": 4}]
+    t = trial_summary({"train.lr": 0.1}, history, "val_mse", lower_is_better=True)
+    assert (t["epochs"], t["best_epoch"], t["score"]) == (3, 2, 0.02)
+    higher = trial_summary({}, [{"val_zeroshot_pcc": 0.1, "epochs_done": 1},
+                                {"val_zeroshot_pcc": 0.3, "epochs_done": 2}], "val_zeroshot_pcc", False)
+    assert higher["best_epoch"] == 2
+    assert trial_summary({}, history[:1], "val_mse", True)["score"] is None
+    trials = [{"score": 0.03}, {"score": None}, {"score": 0.01}]
+    assert choose(trials, True)["score"] == 0.01 and choose(trials, False)["score"] == 0.03
+
+
+def test_nested_settings_are_config_sections():
+    assert nested({"train.lr": 1e-3, "model.dropout": 0.1, "train.batch_size": 64}) == \
+        {"train": {"lr": 1e-3, "batch_size": 64}, "model": {"dropout": 0.1}}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.lr": {"loguniform": [0, 1]}}, "tune.space.train.lr: loguniform needs 0 < low < high"),
+    ({"train.lrr": {"choice": [1]}}, "tune.space.train.lrr: unknown config key train.lrr"),
+    ({"train.lr": {"normal": [0, 1]}}, "tune.space.train.lr: expected one of"),
+    ({"train.batch_size": {"choice": [1.5]}}, "tune.space.train.batch_size: config key train.batch_size: expected int"),
+])
+def test_a_bad_search_space_is_one_error_naming_the_key(space, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_experiment(REPO / "configs" / "experiments" / "tiny.yaml", [f"tune.space={json.dumps(space)}"])
+
+
+def write_tuned(path, best_epoch=3):
+    path.write_text(yaml.safe_dump({"graphdrp": {
+        "base": {"settings": {"train": {"lr": 0.002}, "model": {"dropout": 0.3}}, "best_epoch": best_epoch},
+        "cldr_finetune": {"settings": {"train": {"lr": 2e-5}}, "best_epoch": 1}}}))
+
+
+def test_the_experiment_layers_tuned_settings_per_stage_and_split(tmp_path):
+    tuned = tmp_path / "tuned.yaml"
+    write_tuned(tuned)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text((REPO / "configs" / "experiments" / "tiny.yaml").read_text()
+                   + "by_split:\n  drug_blind: {train: {select: last}}\n")
+    spec = load_experiment(exp, [f"experiment.tuned={tuned}", "experiment.splits=[mixed,drug_blind]"])
+    base = stage_config(spec, "finetune", "graphdrp", "mixed", 1)
+    cldr = stage_config(spec, "finetune", "graphdrp", "mixed", 1, pretrained=True)
+    pre = stage_config(spec, "pretrain", "graphdrp", "mixed", 1)
+    assert (base.train.lr, base.model.dropout, base.train.select, base.train.epochs) == (0.002, 0.3, "best_val", 1)
+    assert (cldr.train.lr, cldr.model.dropout) == (2e-5, -1.0)
+    assert pre.train.lr == 0.0005                                   # no tuned pretrain entry: the layers'
+    assert stage_config(spec, "finetune", "graphdrp", "mixed", 1, tuned=False).train.lr == 0.001
+    # drug-blind: a fixed budget, the tuned trial's best epoch, tested at its last epoch
+    db = stage_config(spec, "finetune", "graphdrp", "drug_blind", 1)
+    assert (db.train.select, db.train.epochs, db.train.lr) == ("last", 3, 0.002)
+    assert stage_config(spec, "finetune", "graphdrp", "drug_blind", 1, pretrained=True).train.epochs == 1
+
+
+def test_a_missing_or_malformed_tuned_file_is_one_error(tmp_path, capsys):
+    tiny = str(REPO / "configs" / "experiments" / "tiny.yaml")
+    assert cli.main(["experiment", "--config", tiny, f"experiment.tuned={tmp_path / 'none.yaml'}"]) == 2
+    assert "none.yaml not found; `cldr tune --config` on this experiment writes it" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"graphdrp": {"finetune": {"settings": {}, "best_epoch": 1}}}))
+    assert cli.main(["experiment", "--config", tiny, f"experiment.tuned={bad}"]) == 2
+    assert "graphdrp.finetune is not a tuned stage entry" in capsys.readouterr().err
+
+
+def test_select_last_refuses_early_stopping(tmp_path, capsys):
+    assert cli.main(["finetune", "train.select=last", "train.patience=2"]) == 2
+    assert "early stopping needs train.select=best_val" in capsys.readouterr().err
+
+
+# two trials at once (Ray 3 CPUs: one worker each) and short epochs: the search's own machinery is
+# what is under test, not the settings it finds
+TINY_TUNE = ["tune.max_epochs=2", "tune.trials=2", "tune.concurrent=2", "common.train.zeroshot_samples=32",
+             "common.train.log_every=100",
+             'tune.space={"train.lr": {"loguniform": [0.0001, 0.003]}, "train.batch_size": {"choice": [64, 128]}}',
+             'tune.pretrain_space={"train.lr": {"loguniform": [0.0001, 0.001]}, "train.batch_size": {"choice": [128]}}']
+
+
+def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
+    """Both arms' stages searched on validation only: every trial trains, ASHA's rungs are epochs,
+    the chosen settings land in the tuned file, CLDR's finetune trials start from the chosen
+    pretrained model, no trial ran a test pass, and the CPUs of trials ASHA stopped come back."""
+    import ray
+
+    from cldr_dist.experiment.tune import run_tune
+    from cldr_dist.train.trainer import start_ray
+    config = REPO / "configs" / "experiments" / "tiny.yaml"
+    out = tmp_path / "tiny_tuned.yaml"
+    spec = load_experiment(config, [f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}",
+                                    f"common.data.shards={tiny_shards}",
+                                    f"common.train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+                                    *TINY_TUNE], tuned=False)
+    with own_state_api():
+        assert start_ray("", 3, state_api=True)   # what `cldr tune` starts, kept open to look inside
+        try:
+            assert run_tune(spec, config, log=print) == out
+            deadline = time.time() + 60            # Ray Train's cleaner polls the controllers it watches
+            while time.time() < deadline and _reserved_groups():
+                time.sleep(1)
+            assert not _reserved_groups()
+            assert ray.available_resources().get("CPU", 0) >= 2.99
+        finally:
+            ray.shutdown()
+    records = {s: json.loads((tmp_path / "runs" / "tiny" / "tune" / f"graphdrp-{s}.json").read_text())
+               for s in ("base", "pretrain", "cldr_finetune")}
+    for stage, r in records.items():
+        assert len(r["trials"]) == 2 and r["metric"] == ("val_zeroshot_pcc" if stage == "pretrain" else "val_mse")
+        for t in r["trials"]:
+            assert not t["error"] and 1 <= t["best_epoch"] <= t["epochs"] <= 2, t
+        pick = min if r["lower_is_better"] else max
+        assert r["chosen"]["score"] == pick(t["score"] for t in r["trials"])
+        assert r["settings"] == nested(r["chosen"]["params"])
+    assert records["cldr_finetune"]["trials"][0]["params"].keys() == records["base"]["trials"][0]["params"].keys()
+    tuned = yaml.safe_load(out.read_text())
+    assert tuned["graphdrp"]["base"]["settings"]["train"]["lr"] == records["base"]["chosen"]["params"]["train.lr"]
+    assert tuned["graphdrp"]["pretrain"]["best_epoch"] == records["pretrain"]["best_epoch"]
+    # each trial is a real training run under the experiment's storage; CLDR's finetune trials
+    # started from the chosen pretrain trial's checkpoint, and no run looked at test
+    storage = tmp_path / "runs" / "tiny" / "ray"
+    for stage in ("base", "cldr_finetune"):
+        states = sorted(storage.glob(f"tiny-tune-graphdrp-{stage}-*/checkpoint_*/trainer_state.json"))
+        assert states, stage
+        for path in states:
+            state = json.loads(path.read_text())
+            assert not any(k.startswith("test_") for k in state["metrics"]), path
+            want = records["pretrain"]["checkpoint"] if stage == "cldr_finetune" else ""
+            assert state["config"]["train"]["init_from"] == want
+    # a rerun finds every stage done (no Ray started), and the experiment reads the file back
+    assert cli.main(["tune", "--config", str(config), f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}"]) == 0
+    assert capsys.readouterr().out.count("tuned earlier") == 3
+    spec = load_experiment(config, [f"experiment.tuned={out}"])
+    assert stage_config(spec, "finetune", "graphdrp", "mixed", 1).train.lr == tuned["graphdrp"]["base"]["settings"]["train"]["lr"]
+
+
+def _reserved_groups() -> list:
+    import ray
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
