@@ -100,11 +100,15 @@ def fmt(values: list[float]) -> str:
 
 
 def table(rows: dict[str, list[dict]]) -> list[str]:
-    head = ["model", "seeds", *(m.upper().replace("_", " ") for m in METRICS), "zero-shot PCC", "wall (min)"]
+    head = ["model", "seeds", *(m.upper().replace("_", " ") for m in METRICS), "per-drug PCC", "zero-shot PCC",
+            "epochs", "wall (min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, rs in rows.items():
         cells = [label, str(len(rs))] + [fmt([r["metrics"][m] for r in rs]) for m in METRICS]
+        cells.append(fmt([mean_per_drug_pcc(r) for r in rs]))
         cells.append(fmt([r.get("zeroshot_pcc") for r in rs]))
+        epochs = [e for e in (epochs_reached(r) for r in rs) if e is not None]
+        cells.append("/".join(map(str, epochs)) or "-")
         cells.append(f"{np.mean([r['wall_s'] for r in rs]) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -149,9 +153,11 @@ def claims(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
         for label in rows:
             if label.startswith("classical"):
                 continue
-            rmse = mean_metric(rows, label, "rmse")
-            out.append(f"- {split}, {label}: RMSE {rmse:.4f} vs {floor.split(': ')[1]} {floor_rmse:.4f}: "
-                       f"{'beats it' if rmse < floor_rmse else 'does NOT beat it'}.")
+            rmse, pcc = mean_metric(rows, label, "rmse"), mean_metric(rows, label, "pcc")
+            floor_pcc = mean_metric(rows, floor, "pcc")
+            out.append(f"- {split}, {label}: RMSE {rmse:.4f} vs {floor.split(': ')[1]} {floor_rmse:.4f}, "
+                       f"PCC {pcc:.4f} vs {floor_pcc:.4f}: "
+                       f"{'beats it on both' if rmse < floor_rmse and pcc > floor_pcc else 'does NOT beat it on both'}.")
     for split, rows in groups.items():
         learned = [lbl for lbl in rows if lbl.startswith(("classical: ridge", "classical: gbm"))]
         if not learned:
@@ -196,8 +202,7 @@ def arm_summary(rs: list[dict]) -> dict:
     def ms(values):
         m, sd = mean_std(values)
         return {"mean": None if np.isnan(m) else m, "std": None if np.isnan(sd) else sd}
-    per_drug = [float(np.mean(list(v.values()))) if (v := per_drug_pcc(load_predictions(
-        str(file_of(r, "predictions", ".npz"))))) else None for r in rs]
+    per_drug = [mean_per_drug_pcc(r) for r in rs]
     return {"seeds": sorted(r["seed"] for r in rs), "n_seeds": len(rs),
             "pcc": ms([r["metrics"]["pcc"] for r in rs]), "rmse": ms([r["metrics"]["rmse"] for r in rs]),
             "per_drug_pcc": ms(per_drug), "zeroshot_pcc": ms([r.get("zeroshot_pcc") for r in rs]),
@@ -236,6 +241,12 @@ def paired_lines(paired: dict) -> list[str]:
             lines.append(f"- {split}, {model}: CLDR - MSE-only PCC {d['mean']:+.4f}, 95% interval "
                          f"[{lo:+.4f}, {hi:+.4f}] over {d['n']} paired seeds: {verdict}.")
     return lines
+
+
+def mean_per_drug_pcc(r: dict) -> float | None:
+    """The mean over test drugs of the PCC over each drug's cell lines (drugs with enough pairs)."""
+    per = per_drug_pcc(load_predictions(str(file_of(r, "predictions", ".npz"))))
+    return float(np.mean(list(per.values()))) if per else None
 
 
 def per_drug_pcc(pred: dict) -> dict[str, float]:
@@ -381,16 +392,28 @@ def _save(fig, dest: Path, name: str) -> str:
 
 # ----------------------------------------------------------------------------- the report
 
+def ended_by(stage: dict) -> str:
+    """What ended a training run: early stopping, its fixed budget (train.select=last), its
+    epoch cap, or train.max_steps."""
+    m, train = stage["metrics"], stage["config"]["train"]
+    if m.get("stopped_early"):
+        return f"early stopping (best epoch {m.get('selected_epoch')})"
+    if train.get("max_steps") and m.get("step") == train["max_steps"] and m.get("epochs_run", 0) < train["epochs"]:
+        return "max_steps"
+    return "fixed budget" if train.get("select") == "last" else "epoch cap"
+
+
 def budget_lines(run_dirs: list[Path]) -> list[str]:
-    lines = ["| training run | mode | optimizer steps | global batch | samples seen | wall (min) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| training run | mode | optimizer steps | global batch | samples seen | epochs (cap) | ended by | wall (min) |",
+             "|---|---|---|---|---|---|---|---|"]
     for path in (p for run_dir in run_dirs for p in sorted((run_dir / "stages").glob("*.json"))):
         s = json.loads(path.read_text())
         cfg = s["config"]
         gb = cfg["train"]["batch_size"] * cfg["ray"]["num_workers"] * cfg["train"]["grad_accum"]
         steps = s["metrics"].get("step")
         seen = f"{steps * gb:,}" if steps else "-"
-        lines.append(f"| {s['run']} | {s['mode']} | {steps or '-'} | {gb} | {seen} | {s['wall_s'] / 60:.1f} |")
+        lines.append(f"| {s['run']} | {s['mode']} | {steps or '-'} | {gb} | {seen} | "
+                     f"{s['metrics'].get('epochs_run', '-')} ({cfg['train']['epochs']}) | {ended_by(s)} | {s['wall_s'] / 60:.1f} |")
     return lines
 
 

@@ -157,7 +157,9 @@ def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed:
 
 def storage_path(spec: ExperimentSpec) -> str:
     """Where Ray Train keeps every training run of the experiment (checkpoints and logs)."""
-    return spec.layers.get("common", {}).get("ray", {}).get("storage_path") or str((spec.run_dir / "ray").resolve())
+    path = spec.layers.get("common", {}).get("ray", {}).get("storage_path") or str(spec.run_dir / "ray")
+    # absolute: Tune trials and Ray Jobs run in working directories of their own
+    return path if path.startswith("s3://") else str(Path(path).resolve())
 
 
 def load_experiment(path: str | Path, overrides: list[str] = (), tuned: bool = True) -> ExperimentSpec:

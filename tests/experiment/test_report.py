@@ -91,3 +91,44 @@ def test_report_of_a_folder_that_is_no_run_directory_is_one_line(tmp_path, two_r
     assert cli.main(["report", str(two_runs[0]), str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing: not an experiment run directory" in err
+
+
+def test_summary_json_holds_means_and_paired_differences_with_intervals(tmp_path):
+    """Three seeds per arm: summary.json has each arm's mean and std over seeds, and the paired
+    CLDR - MSE-only PCC difference per seed with a Student-t 95% interval; the report says
+    whether the interval excludes zero."""
+    import json
+
+    from scipy import stats
+    run_dir = new_run_dir(tmp_path, "seeds")
+    pccs = {"base": [], "cldr": []}
+    for seed in (171, 172, 173):
+        for arm, noise in (("base", 0.4), ("cldr", 0.1)):
+            key = f"drug_blind-tcnn-{arm}-s{seed}"
+            pccs[arm].append(add_arm(run_dir, key, arm=arm, noise=noise, seed=seed * 10 + (arm == "cldr")))
+            result = json.loads((run_dir / "results" / f"{key}.json").read_text())
+            result["seed"] = seed
+            write_json(run_dir / "results" / f"{key}.json", result)
+    report = write_report(run_dir).read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    base = summary["arms"]["drug_blind"]["tcnn (MSE only)"]
+    assert base["n_seeds"] == 3 and base["seeds"] == [171, 172, 173]
+    assert base["pcc"]["mean"] == pytest.approx(np.mean(pccs["base"]))
+    assert base["pcc"]["std"] == pytest.approx(np.std(pccs["base"], ddof=1))
+    assert base["per_drug_pcc"]["mean"] is not None and base["epochs_reached"] == [None, None, None]
+    paired = summary["paired_cldr_minus_mse"]["drug_blind"]["tcnn"]
+    diffs = np.subtract(pccs["cldr"], pccs["base"])
+    assert paired["per_seed"] == pytest.approx(diffs) and paired["mean"] == pytest.approx(diffs.mean())
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    assert paired["ci95"] == pytest.approx([diffs.mean() - half, diffs.mean() + half])
+    assert paired["ci95"][0] > 0    # far less noise in every CLDR seed
+    assert "drug_blind, tcnn: CLDR - MSE-only PCC" in report and "CLDR higher, interval excludes zero" in report
+
+
+def test_one_seed_gives_no_interval(tmp_path, two_runs):
+    import json
+    main, *_ = two_runs
+    report = write_report(main).read_text()
+    paired = json.loads((main / "summary.json").read_text())["paired_cldr_minus_mse"]["drug_blind"]["tcnn"]
+    assert paired["n"] == 1 and paired["ci95"] is None
+    assert "from 1 seed: no interval; NOT shown with a 95% interval" in report
