@@ -25,6 +25,7 @@ METRICS = ("pcc", "scc", "rmse", "mse", "r2", "rmse_ln_ic50")
 PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
 MIXED_GRAPHDRP_TARGET = 0.92       # GraphDRP's published mixed-split PCC is about 0.92-0.93
 CONFIDENCE = 0.95                  # of the paired CLDR - MSE-only intervals
+FEW_EPOCHS = (1, 3, 5)             # finetune epochs after pretraining, against MSE-only converged
 MIN_SAMPLES_PER_DRUG = 10          # per-drug PCC of fewer pairs is noise
 FIGURE_DPI = 110
 BAR_WIDTH_IN = 0.12                # inches per bar of the per-drug chart
@@ -379,6 +380,55 @@ def fig_per_drug(dest: Path, rows: dict[str, list[dict]]) -> str | None:
     return _save(fig, dest, "per_drug_pcc_drug_blind.png")
 
 
+def val_pcc_by_epoch(r: dict) -> dict[int, float]:
+    """The finetune's validation PCC after each epoch, from the arm's training log."""
+    path = Path(r["run_dir"]) / "curves" / f"{r['key']}-finetune.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {int(row["epoch"]): float(row["value"]) for row in csv.DictReader(f) if row["name"] == "val_pcc"}
+
+
+def few_epochs(groups: dict[str, dict[str, list[dict]]], dest: Path) -> tuple[list[str], str | None]:
+    """The paper's "a few epochs of finetuning after pretraining": the CLDR arm's validation PCC
+    after FEW_EPOCHS finetune epochs against the MSE-only arm's converged (best) validation PCC,
+    means over seeds."""
+    lines, panels = [], []
+    for split, rows in groups.items():
+        for label, rs in rows.items():
+            if not label.endswith("(MSE only)") or (cldr := f"{label.split(' (')[0]} (cldr)") not in rows:
+                continue
+            base = [max(v.values()) for v in map(val_pcc_by_epoch, rs) if v]
+            curves = [v for v in map(val_pcc_by_epoch, rows[cldr]) if v]
+            if not base or not curves:
+                continue
+            epochs = sorted(set.intersection(*(set(c) for c in curves)))
+            mean_curve = {e: float(np.mean([c[e] for c in curves])) for e in epochs}
+            few = ", ".join(f"{e}: {mean_curve[e]:.4f}" if e in mean_curve else f"{e}: -" for e in FEW_EPOCHS)
+            target = float(np.mean(base))
+            reached = [e for e in FEW_EPOCHS if mean_curve.get(e, -np.inf) >= target]
+            lines.append(f"- {split}, {label.split(' (')[0]}: CLDR finetune validation PCC after epochs {few}; "
+                         f"MSE-only converged {target:.4f}: "
+                         + (f"reached after {reached[0]} epoch(s)." if reached else f"NOT reached within {FEW_EPOCHS[-1]} epochs."))
+            panels.append((f"{split}, {label.split(' (')[0]}", mean_curve, target))
+    if not panels:
+        return lines, None
+    plt = _plt()
+    cols = min(MAX_PANELS_PER_ROW, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    for ax, (title, curve, target) in zip(axes.flat, panels):
+        ax.plot(list(curve), list(curve.values()), "o-", ms=3, label="CLDR finetune")
+        ax.axhline(target, color="k", ls="--", lw=0.8, label="MSE-only, converged")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("finetune epoch", fontsize=7)
+        ax.set_ylabel("validation PCC", fontsize=7)
+        ax.legend(fontsize=6)
+    return lines, _save(fig, dest, "finetune_epochs.png")
+
+
 def _save(fig, dest: Path, name: str) -> str:
     (dest / "figures").mkdir(parents=True, exist_ok=True)
     tmp = dest / "figures" / f".{name}.tmp.png"
@@ -510,6 +560,10 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
                   "(\"zero point zero zero zero\" ... \"zero point nine nine nine\"). Order score: Spearman "
                   "correlation of pair similarity with minus the pair's distance |i - j|.", "",
                   *order_lines, "", f"![number-text similarity]({fig})", ""]
+    few_lines, fig = few_epochs(groups, dest)
+    if few_lines:
+        lines += ["## A few epochs of finetuning after pretraining", "", *few_lines, ""]
+        lines += [f"![finetune epochs]({fig})", ""] if fig else []
     if fig := fig_curves(tags, dest):
         lines += ["## Training curves", "", f"![training curves]({fig})", ""]
     lines += ["## Budget", "", *budget_lines(run_dirs), ""]

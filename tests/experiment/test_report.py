@@ -132,3 +132,20 @@ def test_one_seed_gives_no_interval(tmp_path, two_runs):
     paired = json.loads((main / "summary.json").read_text())["paired_cldr_minus_mse"]["drug_blind"]["tcnn"]
     assert paired["n"] == 1 and paired["ci95"] is None
     assert "from 1 seed: no interval; NOT shown with a 95% interval" in report
+
+
+def test_few_finetune_epochs_against_the_converged_mse_only_arm(tmp_path, two_runs):
+    """The CLDR arm's validation PCC after 1, 3 and 5 finetune epochs, from its training log,
+    against the MSE-only arm's best validation PCC."""
+    main, *_ = two_runs
+
+    def curve(key, values):
+        rows = ["time,epoch,step,name,value"] + [f"{e},{e},{10 * e},val_pcc,{v}" for e, v in enumerate(values, 1)]
+        (main / "curves").mkdir(exist_ok=True)
+        (main / "curves" / f"{key}-finetune.csv").write_text("\n".join(rows + [f"9,1,12,mse,0.01"]) + "\n")
+    curve("drug_blind-tcnn-base-s171", [0.2, 0.4, 0.5, 0.45, 0.44, 0.43, 0.42])
+    curve("drug_blind-tcnn-cldr-s171", [0.3, 0.45, 0.52, 0.55, 0.56])
+    report = write_report(main).read_text()
+    assert ("drug_blind, tcnn: CLDR finetune validation PCC after epochs 1: 0.3000, 3: 0.5200, 5: 0.5600; "
+            "MSE-only converged 0.5000: reached after 3 epoch(s).") in report
+    assert (main / "figures" / "finetune_epochs.png").stat().st_size > 5_000
