@@ -207,6 +207,12 @@ def write_tuned(path: Path, records: list[dict], command: str) -> None:
     storage.write_bytes(str(path), (header + yaml.safe_dump(tuned, sort_keys=False)).encode())
 
 
+def stages_of(arms: list[str]) -> list[str]:
+    """The stages the experiment's arms train: base for the MSE-only arm, pretrain and
+    cldr_finetune for CLDR (variants reuse CLDR's tuned settings)."""
+    return [s for s in TUNED_STAGES if ("base" if s == "base" else "cldr") in arms]
+
+
 def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     """Tunes every base model's stages in order (cldr_finetune starts from the chosen
     pretrained model); returns the tuned-settings file."""
@@ -215,7 +221,7 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     records, started = [], False
     try:
         for model in spec.models:
-            for stage in TUNED_STAGES:
+            for stage in stages_of(spec.arms):
                 record_path = spec.run_dir / "tune" / f"{model}-{stage}.json"
                 if record_path.is_file():
                     record = json.loads(record_path.read_text())

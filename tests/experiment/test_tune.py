@@ -9,7 +9,7 @@ import yaml
 from cldr_dist import cli
 from cldr_dist.config import ConfigError
 from cldr_dist.experiment.spec import load_experiment, stage_config
-from cldr_dist.experiment.tune import choose, nested, trial_summary
+from cldr_dist.experiment.tune import choose, nested, stages_of, trial_summary
 
 from tests.conftest import REPO, own_state_api
 
@@ -93,10 +93,16 @@ TINY_TUNE = ["tune.max_epochs=2", "tune.trials=2", "tune.concurrent=2", "common.
              'tune.pretrain_space={"train.lr": {"loguniform": [0.0001, 0.001]}, "train.batch_size": {"choice": [128]}}']
 
 
+def test_the_stages_tuned_are_those_of_the_arms():
+    assert stages_of(["base", "cldr"]) == ["base", "pretrain", "cldr_finetune"]
+    assert stages_of(["cldr"]) == ["pretrain", "cldr_finetune"] and stages_of(["base"]) == ["base"]
+
+
 def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
-    """Both arms' stages searched on validation only: every trial trains, ASHA's rungs are epochs,
-    the chosen settings land in the tuned file, CLDR's finetune trials start from the chosen
-    pretrained model, no trial ran a test pass, and the CPUs of trials ASHA stopped come back."""
+    """CLDR's two stages searched on validation only (the base stage is the same search without a
+    pretrained start): every trial trains, ASHA's rungs
+    are epochs, the chosen settings land in the tuned file, CLDR's finetune trials start from the
+    chosen pretrained model, no trial ran a test pass, and the CPUs of trials ASHA stopped come back."""
     import ray
 
     from cldr_dist.experiment.tune import run_tune
@@ -106,7 +112,7 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
     spec = load_experiment(config, [f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}",
                                     f"common.data.shards={tiny_shards}",
                                     f"common.train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
-                                    *TINY_TUNE], tuned=False)
+                                    "experiment.arms=[cldr]", *TINY_TUNE], tuned=False)
     with own_state_api():
         assert start_ray("", 3, state_api=True)   # what `cldr tune` starts, kept open to look inside
         try:
@@ -118,8 +124,9 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
             assert ray.available_resources().get("CPU", 0) >= 2.99
         finally:
             ray.shutdown()
+    assert not (tmp_path / "runs" / "tiny" / "tune" / "graphdrp-base.json").exists()
     records = {s: json.loads((tmp_path / "runs" / "tiny" / "tune" / f"graphdrp-{s}.json").read_text())
-               for s in ("base", "pretrain", "cldr_finetune")}
+               for s in ("pretrain", "cldr_finetune")}
     for stage, r in records.items():
         assert len(r["trials"]) == 2 and r["metric"] == ("val_zeroshot_pcc" if stage == "pretrain" else "val_mse")
         for t in r["trials"]:
@@ -127,14 +134,15 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
         pick = min if r["lower_is_better"] else max
         assert r["chosen"]["score"] == pick(t["score"] for t in r["trials"])
         assert r["settings"] == nested(r["chosen"]["params"])
-    assert records["cldr_finetune"]["trials"][0]["params"].keys() == records["base"]["trials"][0]["params"].keys()
+    assert records["cldr_finetune"]["trials"][0]["params"].keys() == {"train.lr", "train.batch_size"}  # tune.space
     tuned = yaml.safe_load(out.read_text())
-    assert tuned["graphdrp"]["base"]["settings"]["train"]["lr"] == records["base"]["chosen"]["params"]["train.lr"]
+    assert set(tuned["graphdrp"]) == {"pretrain", "cldr_finetune"}
+    assert tuned["graphdrp"]["cldr_finetune"]["settings"]["train"]["lr"] == records["cldr_finetune"]["chosen"]["params"]["train.lr"]
     assert tuned["graphdrp"]["pretrain"]["best_epoch"] == records["pretrain"]["best_epoch"]
     # each trial is a real training run under the experiment's storage; CLDR's finetune trials
     # started from the chosen pretrain trial's checkpoint, and no run looked at test
     storage = tmp_path / "runs" / "tiny" / "ray"
-    for stage in ("base", "cldr_finetune"):
+    for stage in ("pretrain", "cldr_finetune"):
         states = sorted(storage.glob(f"tiny-tune-graphdrp-{stage}-*/checkpoint_*/trainer_state.json"))
         assert states, stage
         for path in states:
@@ -143,10 +151,12 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
             want = records["pretrain"]["checkpoint"] if stage == "cldr_finetune" else ""
             assert state["config"]["train"]["init_from"] == want
     # a rerun finds every stage done (no Ray started), and the experiment reads the file back
-    assert cli.main(["tune", "--config", str(config), f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}"]) == 0
-    assert capsys.readouterr().out.count("tuned earlier") == 3
+    assert cli.main(["tune", "--config", str(config), f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}",
+                     "experiment.arms=[cldr]"]) == 0
+    assert capsys.readouterr().out.count("tuned earlier") == 2
     spec = load_experiment(config, [f"experiment.tuned={out}"])
-    assert stage_config(spec, "finetune", "graphdrp", "mixed", 1).train.lr == tuned["graphdrp"]["base"]["settings"]["train"]["lr"]
+    assert stage_config(spec, "finetune", "graphdrp", "mixed", 1, pretrained=True).train.lr == \
+        tuned["graphdrp"]["cldr_finetune"]["settings"]["train"]["lr"]
 
 
 def _reserved_groups() -> list:
