@@ -5,6 +5,8 @@ from cldr_dist.config import ConfigError
 from cldr_dist.experiment.runner import plan
 from cldr_dist.experiment.spec import load_experiment, stage_config
 
+from tests.conftest import REPO
+
 SPEC = """
 experiment: {name: t, models: [graphdrp, tcnn], splits: [drug_blind, mixed], seeds: [1, 2],
              variants: {gb1024: {pretrain: {train: {batch_size: 1024}}}}}
@@ -78,3 +80,11 @@ def test_a_missing_or_unknown_section_is_named(tmp_path):
     bad.write_text("experimnt: {name: x}\n")
     with pytest.raises(ConfigError, match="unknown section 'experimnt'"):
         load_experiment(bad)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs" / "experiments").glob("*.yaml")
+                                        if not p.stem.endswith("_tuned")))
+def test_every_shipped_experiment_file_loads(path):
+    """Before `cldr tune` has written their tuned settings too (what `cldr tune` itself reads)."""
+    spec = load_experiment(REPO / "configs" / "experiments" / path, tuned=False)
+    assert spec.models and spec.splits and spec.seeds
