@@ -94,6 +94,7 @@ class TrainConfig:
     select: str = "best_val"        # the weights a run keeps and tests: best_val = its best validation
                                     # epoch's | last = its last epoch's (a fixed epoch budget)
     test_at_end: bool = True        # false: no test pass (tuning trials never look at test)
+    stop_epoch: int = 0             # > 0: stop after this many epochs of an `epochs`-long schedule
     weight_decay: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -243,6 +244,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more")
     need(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
     need(cfg.train.patience >= 0, "train.patience must be 0 (no early stopping) or more")
+    need(0 <= cfg.train.stop_epoch <= cfg.train.epochs, "train.stop_epoch must be between 0 (all epochs) and train.epochs")
     need(cfg.train.select in SELECTIONS, f"train.select: {cfg.train.select!r} is not one of {', '.join(SELECTIONS)}")
     need(cfg.train.select == "best_val" or not cfg.train.patience,
          "train.patience: early stopping needs train.select=best_val (select=last trains a fixed number of epochs)")

@@ -194,8 +194,7 @@ def paired_difference(diffs: list[float], confidence: float = CONFIDENCE) -> dic
 
 def epochs_reached(r: dict) -> int | None:
     """The epochs the arm's last training run completed (its finetune; classical: none)."""
-    stage = (r.get("stages") or {}).get("finetune") or {}
-    return stage.get("epochs_run", stage.get("epoch"))
+    return ((r.get("stages") or {}).get("finetune") or {}).get("epochs_run")
 
 
 def arm_summary(rs: list[dict]) -> dict:
@@ -232,6 +231,9 @@ def paired_lines(paired: dict) -> list[str]:
     lines = []
     for split in sorted(paired, key=lambda sp: sp != "drug_blind"):
         for model, d in paired[split].items():
+            if not d["n"]:
+                lines.append(f"- {split}, {model}: the two arms share no seed yet: no paired difference.")
+                continue
             if d["ci95"] is None:
                 lines.append(f"- {split}, {model}: CLDR - MSE-only PCC {d['mean']:+.4f} from {d['n']} seed: "
                              f"no interval; NOT shown with a 95% interval.")

@@ -32,7 +32,7 @@ from cldr_dist.eval.predict import save_predictions
 from cldr_dist.experiment.spec import ExperimentSpec, stage_config, storage_path
 
 DETERMINISTIC_BASELINES = ("train_mean", "drug_mean", "ridge")   # one run per split, whatever the seeds
-PINNED_KEYS = ("layers", "by_split", "tuned_settings", "classical", "variants")  # a resumed experiment keeps these
+PINNED_KEYS = ("layers", "by_split", "tuned_settings", "classical", "variants")  # a resume keeps these (layers hold the overrides)
 
 
 class ExperimentError(Exception):
@@ -84,8 +84,13 @@ def pin_spec(spec: ExperimentSpec) -> None:
     current, commands = spec.to_dict(), []
     if path.is_file():
         recorded = json.loads(path.read_text())
-        before = recorded["spec"]
-        changed = [k for k in PINNED_KEYS if before.get(k) != current.get(k)]
+        before, defaults = recorded["spec"], ExperimentSpec().to_dict()
+        changed = [k for k in PINNED_KEYS if k != "tuned_settings"
+                   and before.get(k, defaults[k]) != current.get(k, defaults[k])]
+        # tuning a model the experiment adds is fine; other tuned settings for a model it ran are not
+        tuned_before = before.get("tuned_settings", {})
+        if any(tuned_before[m] != current["tuned_settings"].get(m) for m in tuned_before):
+            changed.append("tuned_settings")
         if changed:
             raise ConfigError(f"{spec.run_dir} was started with other {', '.join(changed)} settings; "
                               f"use another experiment.name or remove the directory")

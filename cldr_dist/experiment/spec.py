@@ -40,8 +40,10 @@ ARMS = ("base", "cldr")
 STAGES = ("common", "pretrain", "finetune", "cldr_finetune")
 SPLITS = ("mixed", "cell_blind", "drug_blind")
 TUNED_STAGES = ("base", "pretrain", "cldr_finetune")   # what `cldr tune` tunes per base model
-INTERNAL_FIELDS = ("classical", "tune", "layers", "by_split", "tuned_settings", "command")  # not experiment.KEY
+INTERNAL_FIELDS = ("classical", "tune", "layers", "by_split", "overrides", "tuned_settings", "command")  # not experiment.KEY
 DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+FIXED_BY_TUNE = ("data.split", "train.mode", "train.epochs", "train.stop_epoch", "train.patience", "train.select",
+                 "train.test_at_end", "train.init_from", "train.seed")
 
 
 def _default_space() -> dict:
@@ -87,6 +89,7 @@ class ExperimentSpec:
     tune: TuneSpec = field(default_factory=TuneSpec)
     layers: dict = field(default_factory=lambda: {s: {} for s in STAGES})
     by_split: dict = field(default_factory=dict)      # split -> config sections
+    overrides: dict = field(default_factory=dict)     # stage -> sections from the command line (the top layer)
     tuned_settings: dict = field(default_factory=dict)  # the tuned file's content: model -> stage -> entry
     command: str = ""               # how it was started, for the report (set by load_experiment)
 
@@ -133,9 +136,10 @@ def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed:
     """The training config of one stage ("pretrain" or "finetune") of one arm; `pretrained`:
     the finetune of a CLDR arm, with the cldr_finetune layer on top of finetune's; `tuned`:
     with the settings `cldr tune` chose (False: the settings it starts its search from)."""
-    sections = _merge(spec.layers.get("common", {}), spec.layers.get(stage, {}))
-    if stage == "finetune" and pretrained:
-        sections = _merge(sections, spec.layers.get("cldr_finetune", {}))
+    scopes = ["common", stage] + (["cldr_finetune"] if stage == "finetune" and pretrained else [])
+    sections: dict = {}
+    for scope in scopes:
+        sections = _merge(sections, spec.layers.get(scope, {}))
     chosen = spec.tuned_settings.get(model, {}).get(tuned_stage(stage, pretrained)) if tuned else None
     if chosen:
         sections = _merge(sections, chosen["settings"])
@@ -147,7 +151,13 @@ def stage_config(spec: ExperimentSpec, stage: str, model: str, split: str, seed:
         for key, value in values.items():
             apply_setting(cfg, section, key, value)
     if chosen and cfg.train.select == "last":
-        cfg.train.epochs = chosen["best_epoch"]
+        # the tuned trial's own schedule (warmup, cosine over its epoch cap), stopped where it
+        # validated best: the weights it scored, not a schedule squeezed into fewer epochs
+        cfg.train.epochs, cfg.train.stop_epoch = chosen["max_epochs"], chosen["best_epoch"]
+    for scope in scopes:   # the command line is the top layer
+        for section, values in spec.overrides.get(scope, {}).items():
+            for key, value in values.items():
+                apply_setting(cfg, section, key, value)
     cfg.model.drp, cfg.data.split, cfg.train.seed, cfg.train.mode = model, split, seed, stage
     cfg.ray.storage_path = storage_path(spec)
     check_shared_storage(cfg, {"ray.storage_path": "common.ray.storage_path"})
@@ -194,20 +204,33 @@ def load_experiment(path: str | Path, overrides: list[str] = (), tuned: bool = T
             _set_fields(getattr(spec, keys[0]), {keys[1]: value}, keys[0])
         elif keys[0] in STAGES and len(keys) == 3:
             spec.layers[keys[0]].setdefault(keys[1], {})[keys[2]] = value
+            spec.overrides.setdefault(keys[0], {}).setdefault(keys[1], {})[keys[2]] = value
         else:
             raise ConfigError(f"override {item!r}: use experiment.KEY, classical.KEY, tune.KEY or "
                               f"{'|'.join(STAGES)}.SECTION.KEY")
     if spec.tuned and tuned:
         spec.tuned_settings = read_tuned(spec.tuned)
+        missing = [f"{m}.{st}" for m in spec.models for st in arm_stages(spec.arms)
+                   if st not in spec.tuned_settings.get(m, {})]
+        if missing:   # one arm tuned and the other not would not be a fair comparison
+            raise ConfigError(f"experiment.tuned: {spec.tuned} has no tuned settings for {', '.join(missing)}; "
+                              f"run `cldr tune --config {path}` for them")
     check(spec)
     spec.command = " ".join(["cldr experiment --config", str(path), *overrides])
     return spec
 
 
+def arm_stages(arms: list[str]) -> list[str]:
+    """The tuned stages the experiment's arms train: base for the MSE-only arm, pretrain and
+    cldr_finetune for CLDR (variants reuse CLDR's tuned settings)."""
+    return [s for s in TUNED_STAGES if ("base" if s == "base" else "cldr") in arms]
+
+
 def tuned_path(spec: ExperimentSpec, config_path: str | Path) -> Path:
-    """Where `cldr tune` writes the chosen settings of this experiment file."""
+    """Where `cldr tune` writes the chosen settings: tune.out, else the file the experiment
+    cites (experiment.tuned), else NAME_tuned.yaml beside the experiment file."""
     path = Path(config_path)
-    return Path(spec.tune.out) if spec.tune.out else path.with_name(f"{path.stem}_tuned.yaml")
+    return Path(spec.tune.out or spec.tuned or path.with_name(f"{path.stem}_tuned.yaml"))
 
 
 def read_tuned(path: str | Path) -> dict:
@@ -218,24 +241,37 @@ def read_tuned(path: str | Path) -> dict:
     raw = read_sections(path, "tuned settings")
     for model, stages in raw.items():
         for stage, entry in stages.items():
-            if stage not in TUNED_STAGES or not isinstance(entry, dict) or "settings" not in entry \
-                    or not isinstance(entry.get("best_epoch"), int):
-                raise ConfigError(f"{path}: {model}.{stage} is not a tuned stage entry "
-                                  f"({'|'.join(TUNED_STAGES)} with settings and best_epoch)")
+            settings = entry.get("settings") if isinstance(entry, dict) else None
+            epochs = [entry.get(k) for k in ("best_epoch", "max_epochs")] if isinstance(entry, dict) else [None]
+            if stage not in TUNED_STAGES or not isinstance(settings, dict) \
+                    or not all(isinstance(v, dict) for v in settings.values()) \
+                    or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in epochs):
+                raise ConfigError(f"{path}: {model}.{stage} is not a tuned stage entry ({'|'.join(TUNED_STAGES)} "
+                                  f"with settings (config sections), best_epoch and max_epochs (at least 1))")
     return raw
 
 
 def check_space(space: dict, where: str) -> None:
-    """Every searched key is a config key, with a distribution this project knows."""
+    """Every searched key is a config key the search may set, with a distribution this
+    project knows."""
+    if not isinstance(space, dict):
+        raise ConfigError(f"{where}: expected a mapping of section.key -> distribution")
     for dotted, dist in space.items():
         section, _, key = str(dotted).partition(".")
+        if str(dotted) in FIXED_BY_TUNE or section == "ray":
+            raise ConfigError(f"{where}.{dotted}: set by `cldr tune` itself (the split, epochs, selection, "
+                              f"no test pass, resources), not searched")
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise ConfigError(f"{where}.{dotted}: expected one of {{{': [...], '.join(DISTRIBUTIONS)}: [...]}}")
         (kind, values), = dist.items()
         if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
             raise ConfigError(f"{where}.{dotted}: {kind} needs " + ("a list of values" if kind == "choice" else "[low, high]"))
-        if kind != "choice" and not (isinstance(values[0], (int, float)) and values[0] < values[1]
-                                     and (kind == "uniform" or values[0] > 0)):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if kind != "choice" and not numbers:
+            raise ConfigError(f"{where}.{dotted}: {kind} needs two numbers (YAML reads 3e-3 as text: write 3.0e-3)")
+        if kind != "choice" and typing.get_type_hints(type(getattr(Config(), section, None)) or object).get(key) is int:
+            raise ConfigError(f"{where}.{dotted}: an integer setting: use choice: [...]")
+        if kind != "choice" and not (values[0] < values[1] and (kind == "uniform" or values[0] > 0)):
             raise ConfigError(f"{where}.{dotted}: {kind} needs 0 < low < high" if kind == "loguniform"
                               else f"{where}.{dotted}: uniform needs low < high")
         for value in values:
@@ -275,9 +311,10 @@ def check(spec: ExperimentSpec) -> None:
     for model in spec.models:
         for variant in ["", *spec.variants]:
             for stage, pretrained in (("pretrain", False), ("finetune", False), ("finetune", True)):
-                try:
-                    stage_config(spec, stage, model, spec.splits[0], spec.seeds[0], variant, pretrained)
-                except ConfigError as e:
-                    where = f"variant {variant}, " if variant else ""
-                    name = "cldr_finetune" if pretrained else stage
-                    raise ConfigError(f"{where}{name} stage of {model}: {e}") from None
+                for split in dict.fromkeys([*spec.splits, spec.tune.split]):
+                    try:
+                        stage_config(spec, stage, model, split, spec.seeds[0], variant, pretrained)
+                    except ConfigError as e:
+                        where = f"variant {variant}, " if variant else ""
+                        name = "cldr_finetune" if pretrained else stage
+                        raise ConfigError(f"{where}{name} stage of {model} on {split}: {e}") from None

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from cldr_dist.config import Config, apply_setting, config_from_dict
+from cldr_dist.config import Config, ConfigError, apply_setting, config_from_dict
 from cldr_dist.data import storage
-from cldr_dist.experiment.spec import TUNED_STAGES, ExperimentSpec, stage_config, storage_path, tuned_path
+from cldr_dist.experiment.spec import ExperimentSpec, arm_stages, read_tuned, stage_config, tuned_path
 from cldr_dist.train.schedule import SELECT_METRIC
 
 EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/loop.py)
@@ -193,24 +193,21 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log
 
 def tuned_entry(record: dict) -> dict:
     """What the experiment reads back from the tuned-settings file for one stage."""
-    return {"settings": record["settings"], "best_epoch": record["best_epoch"], "metric": record["metric"],
-            "score": record["chosen"]["score"], "trials": len(record["trials"]), "split": record["split"]}
+    return {"settings": record["settings"], "best_epoch": record["best_epoch"], "max_epochs": record["max_epochs"],
+            "metric": record["metric"], "score": record["chosen"]["score"], "trials": len(record["trials"]),
+            "split": record["split"]}
 
 
 def write_tuned(path: Path, records: list[dict], command: str) -> None:
-    tuned: dict = {}
+    """The chosen settings of these records, merged into what the file already holds (other
+    models tuned by an earlier command)."""
+    tuned: dict = read_tuned(path) if path.is_file() else {}
     for r in records:
         tuned.setdefault(r["model"], {})[r["stage"]] = tuned_entry(r)
     header = (f"# Written by `{command}` on {datetime.date.today()}: the settings Ray Tune chose per base\n"
               f"# model and stage on validation data only (never test). The experiment cites this file as\n"
               f"# experiment.tuned; best_epoch is the chosen trial's best validation epoch.\n")
     storage.write_bytes(str(path), (header + yaml.safe_dump(tuned, sort_keys=False)).encode())
-
-
-def stages_of(arms: list[str]) -> list[str]:
-    """The stages the experiment's arms train: base for the MSE-only arm, pretrain and
-    cldr_finetune for CLDR (variants reuse CLDR's tuned settings)."""
-    return [s for s in TUNED_STAGES if ("base" if s == "base" else "cldr") in arms]
 
 
 def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
@@ -221,10 +218,11 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     records, started = [], False
     try:
         for model in spec.models:
-            for stage in stages_of(spec.arms):
+            for stage in arm_stages(spec.arms):
                 record_path = spec.run_dir / "tune" / f"{model}-{stage}.json"
                 if record_path.is_file():
                     record = json.loads(record_path.read_text())
+                    check_unchanged(spec, record, records, record_path)
                     log(f"{model} {stage}: tuned earlier ({record['metric']} {record['chosen']['score']:.5g})")
                 else:
                     if not started:
@@ -238,19 +236,42 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     return out
 
 
+def search_digest(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> str:
+    """What a search depends on: its trials' starting config (with the pretrained model CLDR's
+    finetune starts from) and the search itself."""
+    import dataclasses
+    import hashlib
+    search = {k: v for k, v in dataclasses.asdict(spec.tune).items() if k != "out"}
+    body = {"config": trial_config(spec, model, stage, init_from).to_dict(), "search": search}
+    body["config"]["ray"].pop("name", None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_unchanged(spec: ExperimentSpec, record: dict, earlier: list[dict], path: Path) -> None:
+    """A stage tuned earlier counts only if its search would be the same one today."""
+    init_from = earlier[-1]["checkpoint"] if record["stage"] == "cldr_finetune" else ""
+    if record.get("digest") != search_digest(spec, record["model"], record["stage"], init_from):
+        raise ConfigError(f"{path} was tuned with other settings (the tune section, the stage's layers, or "
+                          f"another pretrained model); remove it to tune {record['model']} {record['stage']} again")
+
+
 def _start_ray(spec: ExperimentSpec, model: str) -> bool:
+    """A local instance large enough for tune.concurrent trials of the largest stage."""
     from cldr_dist.train.trainer import start_ray
-    cfg = stage_config(spec, "finetune", model, spec.tune.split, spec.tune.seed, tuned=False)
-    cpus = spec.tune.concurrent * cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    return start_ray(cfg.ray.address, max(2, int(cpus) + 1), state_api=True)
+    cfgs = [trial_config(spec, m, st) for m in spec.models for st in arm_stages(spec.arms)]
+    cpus = spec.tune.concurrent * max(c.ray.num_workers * c.ray.cpus_per_worker for c in cfgs)
+    return start_ray(cfgs[0].ray.address, max(2, int(cpus) + 1), state_api=True)
 
 
 def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, records: list[dict], record_path: Path,
                      log) -> dict:
     init_from = records[-1]["checkpoint"] if stage == "cldr_finetune" else ""
+    if stage == "cldr_finetune" and not init_from:
+        raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
     log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.max_epochs} epochs each, "
         f"on {spec.tune.split} validation")
     record = tune_stage(spec, model, stage, init_from, log)
+    record["digest"] = search_digest(spec, model, stage, init_from)
     storage.write_bytes(str(record_path), json.dumps(record, indent=1, default=float).encode())
     log(f"{model} {stage}: chose {_short(record['chosen']['params'])} "
         f"({record['metric']} {record['chosen']['score']:.5g} at epoch {record['best_epoch']})")

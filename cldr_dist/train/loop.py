@@ -256,9 +256,12 @@ def train_loop_per_worker(config: dict) -> None:
     def stopped_early() -> bool:
         return bool(cfg.train.patience) and state.stale_epochs >= cfg.train.patience
 
+    def budget_spent() -> bool:   # train.stop_epoch: a fixed budget within the full schedule
+        return bool(cfg.train.stop_epoch) and state.epoch >= cfg.train.stop_epoch
+
     window_t, window_samples = time.time(), 0
     step_sums: dict[str, torch.Tensor] = {}   # losses summed over this step's micro-batches
-    while state.step < total_steps and not stopped_early():
+    while state.step < total_steps and not stopped_early() and not budget_spent():
         stream.epoch, stream.start_batch = state.epoch, state.batch
         for batch in make_loader(stream, cfg.data.loader_workers):
             if cfg.train.encoding != "entity":
@@ -313,7 +316,7 @@ def train_loop_per_worker(config: dict) -> None:
             if stopped_early():
                 log.line(f"early stop: no better {select_key} for {state.stale_epochs} epochs; "
                          f"keeping epoch {state.best_epoch}")
-            elif state.step < total_steps:
+            elif state.step < total_steps and not budget_spent():
                 timings.update(save_checkpoint(engine, objective, weights, state, rank, state.metrics, log,
                                                best_weights))
             window_t, window_samples = time.time(), 0
@@ -322,7 +325,7 @@ def train_loop_per_worker(config: dict) -> None:
     # papers report, or with train.select=last the last epoch's; a run cut by max_steps
     # mid-epoch before any epoch ended has only its last weights.
     weights = full_state_dict(engine)
-    selected = best_weights if best_weights is not None else weights
+    selected = best_weights if best_weights is not None and cfg.train.select == "best_val" else weights
     final = {}
     if cfg.train.test_at_end:
         final = evaluate(cfg, shards, plain_copy(cfg, shards, selected, device), "test", rank, world, zero_shot,

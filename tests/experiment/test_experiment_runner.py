@@ -105,3 +105,16 @@ def test_a_failed_run_is_named_by_the_workers_own_error():
     assert root_cause(WorkerGroupError(snippet)) == ("ValueError: drug_blind/train has 900 samples: "
                                                      "too few for 2 workers x batch 512 x grad_accum 1")
     assert root_cause(RuntimeError("disk full\nmore")) == "RuntimeError: disk full"
+
+
+def test_a_run_directory_from_before_tuning_still_resumes(spec):
+    """experiment.json written before by_split, overrides and tuned settings existed: their
+    absence means their defaults, not a change."""
+    from cldr_dist.experiment.runner import pin_spec
+    pin_spec(spec)
+    path = spec.run_dir / "experiment.json"
+    recorded = json.loads(path.read_text())
+    for key in ("by_split", "overrides", "tuned_settings", "tune", "tuned"):
+        recorded["spec"].pop(key)
+    path.write_text(json.dumps(recorded))
+    pin_spec(spec)

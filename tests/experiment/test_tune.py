@@ -9,7 +9,8 @@ import yaml
 from cldr_dist import cli
 from cldr_dist.config import ConfigError
 from cldr_dist.experiment.spec import load_experiment, stage_config
-from cldr_dist.experiment.tune import choose, nested, stages_of, trial_summary
+from cldr_dist.experiment.spec import arm_stages
+from cldr_dist.experiment.tune import choose, nested, trial_summary
 
 from tests.conftest import REPO, own_state_api
 
@@ -38,6 +39,11 @@ def test_nested_settings_are_config_sections():
     ({"train.lrr": {"choice": [1]}}, "tune.space.train.lrr: unknown config key train.lrr"),
     ({"train.lr": {"normal": [0, 1]}}, "tune.space.train.lr: expected one of"),
     ({"train.batch_size": {"choice": [1.5]}}, "tune.space.train.batch_size: config key train.batch_size: expected int"),
+    ({"train.lr": {"loguniform": [1.0e-5, "3e-3"]}}, "tune.space.train.lr: loguniform needs two numbers"),
+    ({"train.batch_size": {"uniform": [64, 256]}}, "tune.space.train.batch_size: an integer setting: use choice"),
+    ({"train.test_at_end": {"choice": [True]}}, "tune.space.train.test_at_end: set by `cldr tune` itself"),
+    ({"ray.num_workers": {"choice": [2]}}, "tune.space.ray.num_workers: set by `cldr tune` itself"),
+    ([1, 2], "tune.space: expected a mapping"),
 ])
 def test_a_bad_search_space_is_one_error_naming_the_key(space, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -46,8 +52,10 @@ def test_a_bad_search_space_is_one_error_naming_the_key(space, message):
 
 def write_tuned(path, best_epoch=3):
     path.write_text(yaml.safe_dump({"graphdrp": {
-        "base": {"settings": {"train": {"lr": 0.002}, "model": {"dropout": 0.3}}, "best_epoch": best_epoch},
-        "cldr_finetune": {"settings": {"train": {"lr": 2e-5}}, "best_epoch": 1}}}))
+        "base": {"settings": {"train": {"lr": 0.002}, "model": {"dropout": 0.3}}, "best_epoch": best_epoch,
+                 "max_epochs": 6},
+        "pretrain": {"settings": {"train": {"batch_size": 64}}, "best_epoch": 2, "max_epochs": 2},
+        "cldr_finetune": {"settings": {"train": {"lr": 2e-5}}, "best_epoch": 1, "max_epochs": 6}}}))
 
 
 def test_the_experiment_layers_tuned_settings_per_stage_and_split(tmp_path):
@@ -62,12 +70,24 @@ def test_the_experiment_layers_tuned_settings_per_stage_and_split(tmp_path):
     pre = stage_config(spec, "pretrain", "graphdrp", "mixed", 1)
     assert (base.train.lr, base.model.dropout, base.train.select, base.train.epochs) == (0.002, 0.3, "best_val", 1)
     assert (cldr.train.lr, cldr.model.dropout) == (2e-5, -1.0)
-    assert pre.train.lr == 0.0005                                   # no tuned pretrain entry: the layers'
+    assert (pre.train.lr, pre.train.batch_size) == (0.0005, 64)      # lr untuned: the layers'
     assert stage_config(spec, "finetune", "graphdrp", "mixed", 1, tuned=False).train.lr == 0.001
-    # drug-blind: a fixed budget, the tuned trial's best epoch, tested at its last epoch
+    # drug-blind: a fixed budget, the tuned trial's own schedule stopped at its best epoch,
+    # tested at the last epoch it ran
     db = stage_config(spec, "finetune", "graphdrp", "drug_blind", 1)
-    assert (db.train.select, db.train.epochs, db.train.lr) == ("last", 3, 0.002)
-    assert stage_config(spec, "finetune", "graphdrp", "drug_blind", 1, pretrained=True).train.epochs == 1
+    assert (db.train.select, db.train.epochs, db.train.stop_epoch, db.train.lr) == ("last", 6, 3, 0.002)
+    assert stage_config(spec, "finetune", "graphdrp", "drug_blind", 1, pretrained=True).train.stop_epoch == 1
+    # the command line is the top layer, above the tuned settings
+    spec = load_experiment(exp, [f"experiment.tuned={tuned}", "finetune.train.lr=0.0003"])
+    assert stage_config(spec, "finetune", "graphdrp", "mixed", 1).train.lr == 0.0003
+
+
+def test_an_arm_without_tuned_settings_is_refused(tmp_path):
+    tuned = tmp_path / "tuned.yaml"
+    write_tuned(tuned)
+    with pytest.raises(ConfigError, match="has no tuned settings for tcnn.base, tcnn.pretrain"):
+        load_experiment(REPO / "configs" / "experiments" / "tiny.yaml",
+                        [f"experiment.tuned={tuned}", "experiment.models=[graphdrp,tcnn]"])
 
 
 def test_a_missing_or_malformed_tuned_file_is_one_error(tmp_path, capsys):
@@ -75,9 +95,12 @@ def test_a_missing_or_malformed_tuned_file_is_one_error(tmp_path, capsys):
     assert cli.main(["experiment", "--config", tiny, f"experiment.tuned={tmp_path / 'none.yaml'}"]) == 2
     assert "none.yaml not found; `cldr tune --config` on this experiment writes it" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"graphdrp": {"finetune": {"settings": {}, "best_epoch": 1}}}))
-    assert cli.main(["experiment", "--config", tiny, f"experiment.tuned={bad}"]) == 2
-    assert "graphdrp.finetune is not a tuned stage entry" in capsys.readouterr().err
+    for entry in ({"finetune": {"settings": {}, "best_epoch": 1, "max_epochs": 1}},
+                  {"base": {"settings": [1], "best_epoch": 1, "max_epochs": 1}},
+                  {"base": {"settings": {}, "best_epoch": 0, "max_epochs": 1}}):
+        bad.write_text(yaml.safe_dump({"graphdrp": entry}))
+        assert cli.main(["experiment", "--config", tiny, f"experiment.tuned={bad}"]) == 2
+        assert f"graphdrp.{next(iter(entry))} is not a tuned stage entry" in capsys.readouterr().err
 
 
 def test_select_last_refuses_early_stopping(tmp_path, capsys):
@@ -94,8 +117,8 @@ TINY_TUNE = ["tune.max_epochs=2", "tune.trials=2", "tune.concurrent=2", "common.
 
 
 def test_the_stages_tuned_are_those_of_the_arms():
-    assert stages_of(["base", "cldr"]) == ["base", "pretrain", "cldr_finetune"]
-    assert stages_of(["cldr"]) == ["pretrain", "cldr_finetune"] and stages_of(["base"]) == ["base"]
+    assert arm_stages(["base", "cldr"]) == ["base", "pretrain", "cldr_finetune"]
+    assert arm_stages(["cldr"]) == ["pretrain", "cldr_finetune"] and arm_stages(["base"]) == ["base"]
 
 
 def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
@@ -109,10 +132,10 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
     from cldr_dist.train.trainer import start_ray
     config = REPO / "configs" / "experiments" / "tiny.yaml"
     out = tmp_path / "tiny_tuned.yaml"
-    spec = load_experiment(config, [f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}",
-                                    f"common.data.shards={tiny_shards}",
-                                    f"common.train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
-                                    "experiment.arms=[cldr]", *TINY_TUNE], tuned=False)
+    overrides = [f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}", f"common.data.shards={tiny_shards}",
+                 f"common.train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+                 "experiment.arms=[cldr]", *TINY_TUNE]
+    spec = load_experiment(config, overrides, tuned=False)
     with own_state_api():
         assert start_ray("", 3, state_api=True)   # what `cldr tune` starts, kept open to look inside
         try:
@@ -150,11 +173,14 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
             assert not any(k.startswith("test_") for k in state["metrics"]), path
             want = records["pretrain"]["checkpoint"] if stage == "cldr_finetune" else ""
             assert state["config"]["train"]["init_from"] == want
-    # a rerun finds every stage done (no Ray started), and the experiment reads the file back
-    assert cli.main(["tune", "--config", str(config), f"experiment.out={tmp_path / 'runs'}", f"tune.out={out}",
-                     "experiment.arms=[cldr]"]) == 0
+    # a rerun finds every stage done (no Ray started); another search is refused, not mixed in;
+    # and the experiment reads the file back
+    capsys.readouterr()
+    assert cli.main(["tune", "--config", str(config), *overrides]) == 0
     assert capsys.readouterr().out.count("tuned earlier") == 2
-    spec = load_experiment(config, [f"experiment.tuned={out}"])
+    assert cli.main(["tune", "--config", str(config), *overrides, "tune.trials=3"]) == 2
+    assert "graphdrp-pretrain.json was tuned with other settings" in capsys.readouterr().err
+    spec = load_experiment(config, [f"experiment.tuned={out}", "experiment.arms=[cldr]"])
     assert stage_config(spec, "finetune", "graphdrp", "mixed", 1, pretrained=True).train.lr == \
         tuned["graphdrp"]["cldr_finetune"]["settings"]["train"]["lr"]
 
