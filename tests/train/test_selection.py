@@ -51,3 +51,26 @@ def test_test_metrics_come_from_the_best_validation_epoch(ray_local, tiny_shards
     again = evaluate(cfg, shards, plain_copy(cfg, shards, best_weights), "test", 0, 1, zero_shot=False)
     assert again["test_pcc"] == pytest.approx(m["test_pcc"], abs=1e-5)
     assert again["test_mse"] == pytest.approx(m["test_mse"], abs=1e-6)
+
+
+@pytest.mark.slow  # a new Ray test: joins make test once it has passed 20 runs in a row
+def test_a_fixed_budget_stops_at_stop_epoch_and_tests_its_last_weights(ray_local, tiny_shards, tmp_path):
+    """train.select=last with train.stop_epoch: the schedule is `epochs` long (its learning rate
+    at the stop is mid-schedule), the run ends after stop_epoch epochs, and the tested weights
+    are the last epoch's, whatever validation said."""
+    runs = tmp_path / "runs"
+    cfg = train_config(tiny_shards, str(runs), "budget", "train.mode=finetune", "train.epochs=3",
+                       "train.stop_epoch=2", "train.select=last", "train.lr=0.003", "train.batch_size=64")
+    result = trainer.run(cfg)
+    assert result.error is None
+    m = result.metrics
+    assert m["epochs_run"] == 2 and m["selected_epoch"] == 2 and not m["stopped_early"]
+    lrs = epoch_values(runs / "budget" / "logs" / "finetune_metrics.csv", "lr")
+    assert min(lrs.values()) > 0.003 * 0.05   # cosine over 3 epochs: not yet at its end after 2
+    ckpt = Path(result.checkpoint.path)
+    last = torch.load(ckpt / MODEL_FILE, weights_only=True)
+    selected = torch.load(ckpt / BEST_MODEL_FILE, weights_only=True)
+    assert all(torch.equal(selected[k], last[k]) for k in last)
+    shards = open_shards(tiny_shards)
+    again = evaluate(cfg, shards, plain_copy(cfg, shards, last), "test", 0, 1, zero_shot=False)
+    assert again["test_pcc"] == pytest.approx(m["test_pcc"], abs=1e-5)
