@@ -180,6 +180,16 @@ def claims(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
     return out
 
 
+def arm_pairs(rows: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+    """(base model, its MSE-only row label, its CLDR row label) for every model with both rows."""
+    pairs = []
+    for label in rows:
+        model = label.split(" (")[0]
+        if label.endswith("(MSE only)") and f"{model} (cldr)" in rows:
+            pairs.append((model, label, f"{model} (cldr)"))
+    return pairs
+
+
 def paired_difference(diffs: list[float], confidence: float = CONFIDENCE) -> dict:
     """Mean of per-seed differences with a two-sided Student-t interval (none from one seed)."""
     from scipy import stats
@@ -215,13 +225,11 @@ def summary(groups: dict[str, dict[str, list[dict]]]) -> dict:
     arms = {split: {label: arm_summary(rs) for label, rs in rows.items()} for split, rows in groups.items()}
     paired = {}
     for split, rows in groups.items():
-        for label, rs in rows.items():
-            if not label.endswith("(MSE only)") or (cldr := f"{label.split(' (')[0]} (cldr)") not in rows:
-                continue
-            base = {r["seed"]: r["metrics"]["pcc"] for r in rs}
-            tuned = {r["seed"]: r["metrics"]["pcc"] for r in rows[cldr]}
+        for model, base_label, cldr_label in arm_pairs(rows):
+            base = {r["seed"]: r["metrics"]["pcc"] for r in rows[base_label]}
+            tuned = {r["seed"]: r["metrics"]["pcc"] for r in rows[cldr_label]}
             seeds = sorted(set(base) & set(tuned))
-            paired.setdefault(split, {})[label.split(" (")[0]] = {
+            paired.setdefault(split, {})[model] = {
                 "seeds": seeds, "metric": "test pcc, cldr minus mse-only",
                 **paired_difference([tuned[s] - base[s] for s in seeds])}
     return {"arms": arms, "paired_cldr_minus_mse": paired}
@@ -397,11 +405,9 @@ def few_epochs(groups: dict[str, dict[str, list[dict]]], dest: Path) -> tuple[li
     means over seeds."""
     lines, panels = [], []
     for split, rows in groups.items():
-        for label, rs in rows.items():
-            if not label.endswith("(MSE only)") or (cldr := f"{label.split(' (')[0]} (cldr)") not in rows:
-                continue
-            base = [max(v.values()) for v in map(val_pcc_by_epoch, rs) if v]
-            curves = [v for v in map(val_pcc_by_epoch, rows[cldr]) if v]
+        for model, base_label, cldr_label in arm_pairs(rows):
+            base = [max(v.values()) for v in map(val_pcc_by_epoch, rows[base_label]) if v]
+            curves = [v for v in map(val_pcc_by_epoch, rows[cldr_label]) if v]
             if not base or not curves:
                 continue
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
@@ -409,10 +415,10 @@ def few_epochs(groups: dict[str, dict[str, list[dict]]], dest: Path) -> tuple[li
             few = ", ".join(f"{e}: {mean_curve[e]:.4f}" if e in mean_curve else f"{e}: -" for e in FEW_EPOCHS)
             target = float(np.mean(base))
             reached = [e for e in FEW_EPOCHS if mean_curve.get(e, -np.inf) >= target]
-            lines.append(f"- {split}, {label.split(' (')[0]}: CLDR finetune validation PCC after epochs {few}; "
+            lines.append(f"- {split}, {model}: CLDR finetune validation PCC after epochs {few}; "
                          f"MSE-only converged {target:.4f}: "
                          + (f"reached after {reached[0]} epoch(s)." if reached else f"NOT reached within {FEW_EPOCHS[-1]} epochs."))
-            panels.append((f"{split}, {label.split(' (')[0]}", mean_curve, target))
+            panels.append((f"{split}, {model}", mean_curve, target))
     if not panels:
         return lines, None
     plt = _plt()
@@ -472,12 +478,9 @@ def budget_lines(run_dirs: list[Path]) -> list[str]:
 def per_drug_lines(rows: dict[str, list[dict]]) -> list[str]:
     """For each base model with both arms: on how many held-out drugs CLDR's PCC is higher."""
     lines = []
-    for label in rows:
-        if not label.endswith("(MSE only)") or f"{label.split(' (')[0]} (cldr)" not in rows:
-            continue
-        model = label.split(" (")[0]
+    for model, base_label, cldr_label in arm_pairs(rows):
         base, cldr = (per_drug_pcc(load_predictions(str(file_of(rows[lbl][0], "predictions", ".npz"))))
-                      for lbl in (label, f"{model} (cldr)"))
+                      for lbl in (base_label, cldr_label))
         drugs = sorted(set(base) & set(cldr))
         if drugs:
             wins = sum(cldr[d] > base[d] for d in drugs)

@@ -266,19 +266,20 @@ def check_space(space: dict, where: str) -> None:
         (kind, values), = dist.items()
         if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
             raise ConfigError(f"{where}.{dotted}: {kind} needs " + ("a list of values" if kind == "choice" else "[low, high]"))
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if kind != "choice" and not numbers:
-            raise ConfigError(f"{where}.{dotted}: {kind} needs two numbers (YAML reads 3e-3 as text: write 3.0e-3)")
-        if kind != "choice" and typing.get_type_hints(type(getattr(Config(), section, None)) or object).get(key) is int:
-            raise ConfigError(f"{where}.{dotted}: an integer setting: use choice: [...]")
-        if kind != "choice" and not (values[0] < values[1] and (kind == "uniform" or values[0] > 0)):
-            raise ConfigError(f"{where}.{dotted}: {kind} needs 0 < low < high" if kind == "loguniform"
-                              else f"{where}.{dotted}: uniform needs low < high")
-        for value in values:
+        for value in values:   # names an unknown section or key, or a value of the wrong type
             try:
                 apply_setting(Config(), section, key, value)
             except ConfigError as e:
                 raise ConfigError(f"{where}.{dotted}: {e}") from None
+        if kind == "choice":
+            continue
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{where}.{dotted}: {kind} needs two numbers (YAML reads 3e-3 as text: write 3.0e-3)")
+        if typing.get_type_hints(type(getattr(Config(), section)))[key] is int:
+            raise ConfigError(f"{where}.{dotted}: an integer setting: use choice: [...]")
+        if not (values[0] < values[1] and (kind == "uniform" or values[0] > 0)):
+            raise ConfigError(f"{where}.{dotted}: {kind} needs 0 < low < high" if kind == "loguniform"
+                              else f"{where}.{dotted}: uniform needs low < high")
 
 
 def check(spec: ExperimentSpec) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from cldr_dist.config import Config, ConfigError, apply_setting, config_from_dict
+from cldr_dist.config import Config, ConfigError, apply_setting, config_from_dict, validate
 from cldr_dist.data import storage
 from cldr_dist.experiment.spec import ExperimentSpec, arm_stages, read_tuned, stage_config, tuned_path
 from cldr_dist.train.schedule import SELECT_METRIC
@@ -98,7 +98,7 @@ def run_trial(config: dict) -> None:
     for section, values in nested(config["params"]).items():
         for key, value in values.items():
             apply_setting(cfg, section, key, value)
-    cfg = config_from_dict(cfg.to_dict())   # validated again, with the sampled settings
+    validate(cfg)   # again, with the sampled settings
     cfg.ray.name = f"{config['run']}-{ray.tune.get_context().get_trial_id()}"
     trainer.run(cfg, callbacks=[_epoch_reporter(SELECT_METRIC[cfg.train.mode][0])])
 
@@ -124,7 +124,8 @@ def _progress_callback(model: str, stage: str, metric: str):
 
     class TrialLog(Callback):
         """One line per validated epoch and per finished trial, on stdout."""
-        seen: set = set()   # Ray Train hands an epoch's report to Tune again with its checkpoint
+        def __init__(self):
+            self.seen: set = set()   # Ray Train hands an epoch's report to Tune again with its checkpoint
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if metric in result and (trial.trial_id, result.get(EPOCH_KEY)) not in self.seen:
@@ -145,7 +146,7 @@ def _short(params: dict) -> str:
                     for k, v in params.items())
 
 
-def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log) -> dict:
+def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> dict:
     """Runs one search and returns its record: every trial, the chosen one, its checkpoint."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -220,14 +221,16 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
         for model in spec.models:
             for stage in arm_stages(spec.arms):
                 record_path = spec.run_dir / "tune" / f"{model}-{stage}.json"
+                # CLDR's finetune starts from the pretrain stage tuned just before it
+                init_from = records[-1]["checkpoint"] if stage == "cldr_finetune" else ""
                 if record_path.is_file():
                     record = json.loads(record_path.read_text())
-                    check_unchanged(spec, record, records, record_path)
+                    check_unchanged(spec, record, init_from, record_path)
                     log(f"{model} {stage}: tuned earlier ({record['metric']} {record['chosen']['score']:.5g})")
                 else:
                     if not started:
-                        started = _start_ray(spec, model)
-                    record = _tune_and_record(spec, model, stage, records, record_path, log)
+                        started = _start_ray(spec)
+                    record = _tune_and_record(spec, model, stage, init_from, record_path, log)
                 records.append(record)
                 write_tuned(out, records, spec.command.replace("cldr experiment", "cldr tune", 1))
     finally:
@@ -247,15 +250,14 @@ def search_digest(spec: ExperimentSpec, model: str, stage: str, init_from: str) 
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_unchanged(spec: ExperimentSpec, record: dict, earlier: list[dict], path: Path) -> None:
+def check_unchanged(spec: ExperimentSpec, record: dict, init_from: str, path: Path) -> None:
     """A stage tuned earlier counts only if its search would be the same one today."""
-    init_from = earlier[-1]["checkpoint"] if record["stage"] == "cldr_finetune" else ""
     if record.get("digest") != search_digest(spec, record["model"], record["stage"], init_from):
         raise ConfigError(f"{path} was tuned with other settings (the tune section, the stage's layers, or "
                           f"another pretrained model); remove it to tune {record['model']} {record['stage']} again")
 
 
-def _start_ray(spec: ExperimentSpec, model: str) -> bool:
+def _start_ray(spec: ExperimentSpec) -> bool:
     """A local instance large enough for tune.concurrent trials of the largest stage."""
     from cldr_dist.train.trainer import start_ray
     cfgs = [trial_config(spec, m, st) for m in spec.models for st in arm_stages(spec.arms)]
@@ -263,14 +265,13 @@ def _start_ray(spec: ExperimentSpec, model: str) -> bool:
     return start_ray(cfgs[0].ray.address, max(2, int(cpus) + 1), state_api=True)
 
 
-def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, records: list[dict], record_path: Path,
+def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: str, record_path: Path,
                      log) -> dict:
-    init_from = records[-1]["checkpoint"] if stage == "cldr_finetune" else ""
     if stage == "cldr_finetune" and not init_from:
         raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
     log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.max_epochs} epochs each, "
         f"on {spec.tune.split} validation")
-    record = tune_stage(spec, model, stage, init_from, log)
+    record = tune_stage(spec, model, stage, init_from)
     record["digest"] = search_digest(spec, model, stage, init_from)
     storage.write_bytes(str(record_path), json.dumps(record, indent=1, default=float).encode())
     log(f"{model} {stage}: chose {_short(record['chosen']['params'])} "
