@@ -42,6 +42,9 @@ def test_checkpoint_is_complete_and_kept(uninterrupted):
     assert "samples_per_s" in logs.read_text() and "logit_scale" in logs.read_text()
 
 
+# make test keeps the same guarantees at less cost: test_faults restores a killed run's checkpoint
+# and ends at the unbroken run's loss; test_resume_from_s3_storage resumes a rerun from S3
+@pytest.mark.slow
 def test_interrupted_then_resumed_matches(uninterrupted, tiny_shards, tmp_path, monkeypatch):
     runs = str(tmp_path / "runs")
     marker = tmp_path / "killed"
