@@ -121,7 +121,6 @@ def test_the_stages_tuned_are_those_of_the_arms():
     assert arm_stages(["cldr"]) == ["pretrain", "cldr_finetune"] and arm_stages(["base"]) == ["base"]
 
 
-@pytest.mark.slow  # a new Ray test: joins make test once it has passed 20 runs in a row
 def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
     """CLDR's two stages searched on validation only (the base stage is the same search without a
     pretrained start): every trial trains, ASHA's rungs
