@@ -44,15 +44,21 @@ def step_rates(storage: str, name: str, warmup: int) -> list[float]:
     return [float(r["value"]) for r in rows if int(r["step"]) > warmup]
 
 
-def run_side_by_side(commands: list[list[str]]) -> float:
+def run_side_by_side(commands: list[list[str]], logs: Path) -> float:
+    """Runs the commands at once; each one's stderr goes to a file, never a pipe read one run
+    after another (a full pipe would stall the run not being read, in the middle of its steps)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
-    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for c in commands]
-    for p in procs:
-        _, err = p.communicate()
+    files = [open(logs / f"run{i}.err", "w+") for i in range(len(commands))]
+    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True)
+             for c, f in zip(commands, files)]
+    for p, f in zip(procs, files):
+        p.wait()
+        f.seek(0)
+        err = f.read().strip()
+        f.close()
         if p.returncode != 0:
-            sys.exit(f"bench_tune_concurrency: a run failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+            sys.exit(f"bench_tune_concurrency: a run failed: {err.splitlines()[-1] if err else p.returncode}")
     return time.time() - t0
 
 
@@ -72,7 +78,7 @@ def main() -> None:
         for label, runs in (("alone", [("alone", 2)]), ("paired", [("paired_a", 1), ("paired_b", 1)])):
             print(f"{label}: {len(runs)} run(s) of {args.steps} steps ...", flush=True)
             wall = run_side_by_side([finetune_command(shards, storage, name, cpus, args.steps, args.batch)
-                                     for name, cpus in runs])
+                                     for name, cpus in runs], Path(storage))
             rates = [statistics.harmonic_mean(step_rates(storage, name, args.warmup)) for name, _ in runs]
             results[label] = {"runs": len(runs), "threads_per_run": runs[0][1], "samples_per_s_each": rates,
                               "samples_per_s_total": sum(rates), "wall_s": wall}
