@@ -68,7 +68,11 @@ class TuneSpec:
     max_epochs: int = 8             # a trial's epoch cap
     grace_epochs: int = 2           # ASHA: epochs before a trial may be stopped
     reduction_factor: int = 2       # ASHA: keep 1 in this many trials at each rung
-    concurrent: int = 1             # trials at once (each takes ray.num_workers x ray.cpus_per_worker CPUs)
+    concurrent: int = 1             # trials at once (each takes ray.num_workers x cpus_per_worker CPUs)
+    # a trial worker's CPUs (and torch threads); 0: the stage's ray.cpus_per_worker. On a small
+    # machine, trials at once on a thread each beat one at a time on all threads (and only trials
+    # running side by side let ASHA stop the weaker one): docs/benchmarks_throughput.md
+    cpus_per_worker: float = 0
     seed: int = 171                 # the search's own random draws
     space: dict = field(default_factory=_default_space)                  # base and cldr_finetune: the same
     pretrain_space: dict = field(default_factory=_default_pretrain_space)
@@ -300,6 +304,7 @@ def check(spec: ExperimentSpec) -> None:
         need(getattr(spec.tune, key) >= (2 if key == "reduction_factor" else 1),
              f"tune.{key} must be at least {2 if key == 'reduction_factor' else 1}")
     need(spec.tune.grace_epochs <= spec.tune.max_epochs, "tune.grace_epochs must not exceed tune.max_epochs")
+    need(spec.tune.cpus_per_worker >= 0, "tune.cpus_per_worker must be 0 (the stage's ray.cpus_per_worker) or more")
     check_space(spec.tune.space, "tune.space")
     check_space(spec.tune.pretrain_space, "tune.pretrain_space")
     for name, layers in spec.variants.items():

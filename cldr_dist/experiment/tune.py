@@ -113,6 +113,8 @@ def trial_config(spec: ExperimentSpec, model: str, stage: str, init_from: str = 
     cfg.train.epochs, cfg.train.patience, cfg.train.select, cfg.train.test_at_end = \
         spec.tune.max_epochs, 0, "best_val", False
     cfg.train.init_from = init_from
+    if spec.tune.cpus_per_worker:
+        cfg.ray.cpus_per_worker = spec.tune.cpus_per_worker
     return absolute_paths(cfg)   # trials run in their own working directories
 
 

@@ -10,7 +10,7 @@ from cldr_dist import cli
 from cldr_dist.config import ConfigError
 from cldr_dist.experiment.spec import load_experiment, stage_config
 from cldr_dist.experiment.spec import arm_stages
-from cldr_dist.experiment.tune import choose, nested, trial_summary
+from cldr_dist.experiment.tune import choose, nested, trial_config, trial_summary
 
 from tests.conftest import REPO, own_state_api
 
@@ -80,6 +80,19 @@ def test_the_experiment_layers_tuned_settings_per_stage_and_split(tmp_path):
     # the command line is the top layer, above the tuned settings
     spec = load_experiment(exp, [f"experiment.tuned={tuned}", "finetune.train.lr=0.0003"])
     assert stage_config(spec, "finetune", "graphdrp", "mixed", 1).train.lr == 0.0003
+
+
+def test_trials_may_run_on_fewer_cpus_than_the_stage():
+    """tune.cpus_per_worker sets a trial's worker CPUs (and so its torch threads) without
+    touching the experiment's own runs; 0 keeps the stage's."""
+    config = REPO / "configs" / "experiments" / "tiny.yaml"
+    spec = load_experiment(config, ["common.ray.cpus_per_worker=2", "tune.cpus_per_worker=1"], tuned=False)
+    assert trial_config(spec, "graphdrp", "base").ray.cpus_per_worker == 1
+    assert stage_config(spec, "finetune", "graphdrp", "mixed", 1, tuned=False).ray.cpus_per_worker == 2
+    spec = load_experiment(config, ["common.ray.cpus_per_worker=2"], tuned=False)
+    assert trial_config(spec, "graphdrp", "pretrain").ray.cpus_per_worker == 2
+    with pytest.raises(ConfigError, match="tune.cpus_per_worker"):
+        load_experiment(config, ["tune.cpus_per_worker=-1"], tuned=False)
 
 
 def test_an_arm_without_tuned_settings_is_refused(tmp_path):
