@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,7 @@ from cldr_dist.train.schedule import SELECT_METRIC
 EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/loop.py)
 CHECKPOINT_KEY = "checkpoint_path"  # Tune's reporter adds the Train checkpoint's path under this key
 TRIAL_CPU = 0.01                   # what a trial itself reserves (Tune refuses 0): it only waits
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 class TuneError(Exception):
@@ -148,6 +150,21 @@ def _short(params: dict) -> str:
                     for k, v in params.items())
 
 
+def fit(tuner):
+    """tuner.fit(), where Ctrl+C stops `cldr tune` as it stops any command. Tune's own SIGINT
+    handler would end the search early and return it as if it had finished (its running trials
+    then read TERMINATED), and the stage would be recorded half-searched."""
+    saved = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    try:
+        return tuner.fit()
+    finally:
+        if saved is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = saved
+
+
 def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> dict:
     """Runs one search and returns its record: every trial, the chosen one, its checkpoint."""
     from ray import tune
@@ -174,7 +191,7 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> 
                                     reduction_factor=spec.tune.reduction_factor)),
         run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
                                   callbacks=[_progress_callback(model, stage, metric)]))
-    grid = tuner.fit()
+    grid = fit(tuner)
     trials = []
     for result in grid:
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
@@ -273,7 +290,11 @@ def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: st
         raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
     log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.max_epochs} epochs each, "
         f"on {spec.tune.split} validation")
-    record = tune_stage(spec, model, stage, init_from)
+    try:
+        record = tune_stage(spec, model, stage, init_from)
+    except KeyboardInterrupt:
+        log(f"{model} {stage}: interrupted; nothing recorded (a rerun searches this stage again)")
+        raise
     record["digest"] = search_digest(spec, model, stage, init_from)
     storage.write_bytes(str(record_path), json.dumps(record, indent=1, default=float).encode())
     log(f"{model} {stage}: chose {_short(record['chosen']['params'])} "

@@ -1,6 +1,8 @@
 """`cldr tune`: the pure parts (search space, trial summaries, the tuned-settings file and how an
 experiment layers it), then a tiny real search (Ray Tune + ASHA over TorchTrainer runs) end to end."""
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -10,9 +12,9 @@ from cldr_dist import cli
 from cldr_dist.config import ConfigError
 from cldr_dist.experiment.spec import load_experiment, stage_config
 from cldr_dist.experiment.spec import arm_stages
-from cldr_dist.experiment.tune import choose, nested, trial_config, trial_summary
+from cldr_dist.experiment.tune import choose, fit, nested, trial_config, trial_summary
 
-from tests.conftest import REPO, own_state_api
+from tests.conftest import REPO, local_ray_session, own_state_api
 
 
 def test_trial_summary_takes_the_best_validated_epoch():
@@ -199,6 +201,38 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
     spec = load_experiment(config, [f"experiment.tuned={out}", "experiment.arms=[cldr]"])
     assert stage_config(spec, "finetune", "graphdrp", "mixed", 1, pretrained=True).train.lr == \
         tuned["graphdrp"]["cldr_finetune"]["settings"]["train"]["lr"]
+
+
+def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
+    """Tune's own SIGINT handler ends a search early and returns it as if finished (a stage would
+    be recorded half-searched); through tune.fit, Ctrl+C raises KeyboardInterrupt as in any command."""
+    import ray
+    from ray import tune
+
+    def report_until_stopped(config):
+        """A trial that never ends by itself; once it has reported (the search is under way), it
+        sends the driver the SIGINT of a user's Ctrl+C. (Defined here: Ray ships a local
+        function by value, and workers cannot import a test module.)"""
+        from ray import tune
+        for step in range(1, 100_000):
+            tune.report({"step": step})
+            if step == 1 and config["interrupt"]:
+                os.kill(config["driver"], signal.SIGINT)
+            time.sleep(0.05)
+
+    def search(name: str, interrupt: bool):
+        return fit(tune.Tuner(report_until_stopped, param_space={"driver": os.getpid(), "interrupt": interrupt},
+                              tune_config=tune.TuneConfig(num_samples=1),
+                              run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
+                                                        stop={"step": 3})))
+    with local_ray_session():
+        finished = search("finished", interrupt=False)
+        assert (len(finished), finished.num_terminated) == (1, 1)
+        with pytest.raises(KeyboardInterrupt):
+            search("interrupted", interrupt=True)
+        assert ray.is_initialized()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Tune left no handler behind
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
 
 
 def _free_cpus() -> float:
