@@ -210,11 +210,11 @@ def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
     from ray import tune
 
     def report_until_stopped(config):
-        """A trial that never ends by itself; once it has reported (the search is under way), it
-        sends the driver the SIGINT of a user's Ctrl+C. (Defined here: Ray ships a local
-        function by value, and workers cannot import a test module.)"""
+        """A trial that runs for a minute unless stopped; once it has reported (the search is
+        under way), it sends the driver the SIGINT of a user's Ctrl+C. (Defined here: Ray ships a
+        local function by value, and workers cannot import a test module.)"""
         from ray import tune
-        for step in range(1, 100_000):
+        for step in range(1, 1200):
             tune.report({"step": step})
             if step == 1 and config["interrupt"]:
                 os.kill(config["driver"], signal.SIGINT)
@@ -224,12 +224,14 @@ def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
         return fit(tune.Tuner(report_until_stopped, param_space={"driver": os.getpid(), "interrupt": interrupt},
                               tune_config=tune.TuneConfig(num_samples=1),
                               run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
-                                                        stop={"step": 3})))
+                                                        stop=None if interrupt else {"step": 3})))
     with local_ray_session():
         finished = search("finished", interrupt=False)
         assert (len(finished), finished.num_terminated) == (1, 1)
+        t0 = time.time()
         with pytest.raises(KeyboardInterrupt):
             search("interrupted", interrupt=True)
+        assert time.time() - t0 < 30     # stopped by the interrupt, not by the trial's own end
         assert ray.is_initialized()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Tune left no handler behind
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
