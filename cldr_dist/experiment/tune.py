@@ -12,7 +12,8 @@ base and cldr_finetune search the same space. What it writes:
     tune.out (configs/experiments/NAME_tuned.yaml)   the chosen settings, which the experiment
                                           cites as experiment.tuned
 
-A rerun skips stages already in RUN_DIR/tune/; an interrupted stage starts its search again.
+A rerun skips stages already in RUN_DIR/tune/; an interrupted stage (Ctrl+C stops the command,
+recording nothing of it) starts its search again.
 """
 from __future__ import annotations
 
