@@ -21,6 +21,8 @@ import datetime
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 
 import yaml
@@ -152,18 +154,28 @@ def _short(params: dict) -> str:
 
 
 def fit(tuner):
-    """tuner.fit(), where Ctrl+C stops `cldr tune` as it stops any command. Tune's own SIGINT
-    handler would end the search early and return it as if it had finished (its running trials
-    then read TERMINATED), and the stage would be recorded half-searched."""
-    saved = os.environ.get(TUNE_SIGINT_ENV)
-    os.environ[TUNE_SIGINT_ENV] = "1"
+    """tuner.fit(), raising KeyboardInterrupt where Ctrl+C (or SIGUSR1) interrupted it. Tune
+    handles that signal itself: it ends the search early and returns it as if it had finished
+    (its running trials then read TERMINATED), so a stage would be recorded half-searched. Its
+    handler, once it fires, puts back the SIGINT handler it replaced; only then is ours in place
+    after fit()."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()    # Tune installs no handler off the main thread: a signal is not its to catch
+
+    def interrupt_now(signum, frame):   # a second Ctrl+C, once Tune has handled the first
+        raise KeyboardInterrupt
+    saved_env = os.environ.pop(TUNE_SIGINT_ENV, None)   # Tune's handler must be there to tell
+    saved_handler = signal.signal(signal.SIGINT, interrupt_now)
     try:
-        return tuner.fit()
+        grid = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is interrupt_now
     finally:
-        if saved is None:
-            os.environ.pop(TUNE_SIGINT_ENV, None)
-        else:
-            os.environ[TUNE_SIGINT_ENV] = saved
+        signal.signal(signal.SIGINT, saved_handler)
+        if saved_env is not None:
+            os.environ[TUNE_SIGINT_ENV] = saved_env
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
 
 
 def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> dict:

@@ -205,16 +205,17 @@ def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
 
 def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
     """Tune's own SIGINT handler ends a search early and returns it as if finished (a stage would
-    be recorded half-searched); through tune.fit, Ctrl+C raises KeyboardInterrupt as in any command."""
+    be recorded half-searched); through tune.fit, Ctrl+C raises KeyboardInterrupt once Tune has
+    stopped its trials, as in any command."""
     import ray
     from ray import tune
 
     def report_until_stopped(config):
-        """A trial that runs for a minute unless stopped; once it has reported (the search is
+        """A trial that runs for minutes unless stopped; once it has reported (the search is
         under way), it sends the driver the SIGINT of a user's Ctrl+C. (Defined here: Ray ships a
         local function by value, and workers cannot import a test module.)"""
         from ray import tune
-        for step in range(1, 1200):
+        for step in range(1, 4000):
             tune.report({"step": step})
             if step == 1 and config["interrupt"]:
                 os.kill(config["driver"], signal.SIGINT)
@@ -231,7 +232,7 @@ def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
         t0 = time.time()
         with pytest.raises(KeyboardInterrupt):
             search("interrupted", interrupt=True)
-        assert time.time() - t0 < 30     # stopped by the interrupt, not by the trial's own end
+        assert time.time() - t0 < 100     # stopped by the interrupt, not by the trial's own end
         assert ray.is_initialized()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Tune left no handler behind
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
