@@ -226,6 +226,7 @@ def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
                               tune_config=tune.TuneConfig(num_samples=1),
                               run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
                                                         stop=None if interrupt else {"step": 3})))
+    handler = signal.getsignal(signal.SIGINT)    # a background job's pytest ignores SIGINT
     with local_ray_session():
         finished = search("finished", interrupt=False)
         assert (len(finished), finished.num_terminated) == (1, 1)
@@ -234,7 +235,7 @@ def test_ctrl_c_stops_a_search_instead_of_ending_it_as_finished(tmp_path):
             search("interrupted", interrupt=True)
         assert time.time() - t0 < 100     # stopped by the interrupt, not by the trial's own end
         assert ray.is_initialized()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Tune left no handler behind
+    assert signal.getsignal(signal.SIGINT) is handler   # Tune left no handler behind
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
 
 
