@@ -41,7 +41,9 @@ STAGES = ("common", "pretrain", "finetune", "cldr_finetune")
 SPLITS = ("mixed", "cell_blind", "drug_blind")
 TUNED_STAGES = ("base", "pretrain", "cldr_finetune")   # what `cldr tune` tunes per base model
 INTERNAL_FIELDS = ("classical", "tune", "layers", "by_split", "overrides", "tuned_settings", "command")  # not experiment.KEY
-DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+# logspaced: [low, high] -> tune.trials values evenly spaced in log, one per trial (a grid): a
+# few random draws can all land in one end of a wide range, and do, under a fixed seed
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "logspaced")
 FIXED_BY_TUNE = ("data.split", "train.mode", "train.epochs", "train.stop_epoch", "train.patience", "train.select",
                  "train.test_at_end", "train.init_from", "train.seed")
 
@@ -282,8 +284,10 @@ def check_space(space: dict, where: str) -> None:
         if typing.get_type_hints(type(getattr(Config(), section)))[key] is int:
             raise ConfigError(f"{where}.{dotted}: an integer setting: use choice: [...]")
         if not (values[0] < values[1] and (kind == "uniform" or values[0] > 0)):
-            raise ConfigError(f"{where}.{dotted}: {kind} needs 0 < low < high" if kind == "loguniform"
-                              else f"{where}.{dotted}: uniform needs low < high")
+            raise ConfigError(f"{where}.{dotted}: uniform needs low < high" if kind == "uniform"
+                              else f"{where}.{dotted}: {kind} needs 0 < low < high")
+    if sum(next(iter(d)) == "logspaced" for d in space.values()) > 1:
+        raise ConfigError(f"{where}: one logspaced key at most (two grids would multiply the trials)")
 
 
 def check(spec: ExperimentSpec) -> None:

@@ -44,12 +44,22 @@ class TuneError(Exception):
 
 # ----------------------------------------------------------------------------- pure parts
 
-def search_space(space: dict) -> dict:
+def logspaced(low: float, high: float, n: int) -> list[float]:
+    """n values evenly spaced in log between low and high, each in the middle of its stretch."""
+    return [low * (high / low) ** ((i + 0.5) / n) for i in range(n)]
+
+
+def search_space(space: dict, trials: int) -> dict:
     """Our YAML distributions ({"train.lr": {"loguniform": [a, b]}}) as Tune's sampling objects."""
     from ray import tune
     make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
-            "choice": tune.choice}
+            "choice": tune.choice, "logspaced": lambda v: tune.grid_search(logspaced(*v, trials))}
     return {key: make[kind](values) for key, dist in space.items() for kind, values in dist.items()}
+
+
+def num_samples(space: dict, trials: int) -> int:
+    """Tune's num_samples for `trials` trials: a grid (logspaced) already makes one per trial."""
+    return 1 if any("logspaced" in dist for dist in space.values()) else trials
 
 
 def nested(params: dict) -> dict:
@@ -195,9 +205,9 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> 
     tuner = tune.Tuner(
         # the trial only waits on its TorchTrainer, whose workers hold the CPUs
         tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
-        param_space={"cfg": cfg.to_dict(), "run": run, "params": search_space(space)},
+        param_space={"cfg": cfg.to_dict(), "run": run, "params": search_space(space, spec.tune.trials)},
         tune_config=tune.TuneConfig(
-            metric=metric, mode="min" if lower_is_better else "max", num_samples=spec.tune.trials,
+            metric=metric, mode="min" if lower_is_better else "max", num_samples=num_samples(space, spec.tune.trials),
             search_alg=BasicVariantGenerator(random_state=spec.tune.seed, max_concurrent=spec.tune.concurrent),
             scheduler=ASHAScheduler(time_attr=EPOCH_KEY, max_t=spec.tune.max_epochs,
                                     grace_period=spec.tune.grace_epochs,

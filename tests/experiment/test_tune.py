@@ -12,7 +12,8 @@ from cldr_dist import cli
 from cldr_dist.config import ConfigError
 from cldr_dist.experiment.spec import load_experiment, stage_config
 from cldr_dist.experiment.spec import arm_stages
-from cldr_dist.experiment.tune import choose, fit, nested, trial_config, trial_summary
+from cldr_dist.experiment.tune import (choose, fit, logspaced, nested, num_samples, search_space, trial_config,
+                                      trial_summary)
 
 from tests.conftest import REPO, local_ray_session, own_state_api
 
@@ -46,10 +47,22 @@ def test_nested_settings_are_config_sections():
     ({"train.test_at_end": {"choice": [True]}}, "tune.space.train.test_at_end: set by `cldr tune` itself"),
     ({"ray.num_workers": {"choice": [2]}}, "tune.space.ray.num_workers: set by `cldr tune` itself"),
     ([1, 2], "tune.space: expected a mapping"),
+    ({"train.lr": {"logspaced": [1.0e-3, 1.0e-4]}}, "tune.space.train.lr: logspaced needs 0 < low < high"),
+    ({"train.lr": {"logspaced": [1.0e-4, 1.0e-3]}, "model.dropout": {"logspaced": [0.1, 0.5]}},
+     "tune.space: one logspaced key at most"),
 ])
 def test_a_bad_search_space_is_one_error_naming_the_key(space, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_experiment(REPO / "configs" / "experiments" / "tiny.yaml", [f"tune.space={json.dumps(space)}"])
+
+
+def test_logspaced_gives_each_trial_its_own_stretch_of_the_range():
+    assert logspaced(1e-4, 1e-1, 3) == pytest.approx([10 ** -3.5, 10 ** -2.5, 10 ** -1.5])
+    space = {"train.lr": {"logspaced": [4.0e-5, 5.0e-3]}, "model.dropout": {"choice": [0.1, 0.5]}}
+    assert search_space(space, 3)["train.lr"] == {"grid_search": pytest.approx([9.0e-5, 4.47e-4, 2.24e-3], rel=1e-2)}
+    # the grid makes the trials: Tune repeats a grid num_samples times
+    assert num_samples(space, 3) == 1
+    assert num_samples({"train.lr": {"loguniform": [4.0e-5, 5.0e-3]}}, 3) == 3
 
 
 def write_tuned(path, best_epoch=3):
