@@ -12,8 +12,10 @@ base and cldr_finetune search the same space. What it writes:
     tune.out (configs/experiments/NAME_tuned.yaml)   the chosen settings, which the experiment
                                           cites as experiment.tuned
 
-A rerun skips stages already in RUN_DIR/tune/; an interrupted stage (Ctrl+C stops the command,
-recording nothing of it) starts its search again.
+A rerun skips stages already in RUN_DIR/tune/. Ctrl+C stops the command and records nothing of
+the stage it was in; Tune has saved that search, so a rerun with the same settings resumes it
+(finished trials stay finished; the others go on from their last epoch's checkpoint), and one with
+other settings starts a new search.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/l
 CHECKPOINT_KEY = "checkpoint_path"  # Tune's reporter adds the Train checkpoint's path under this key
 TRIAL_CPU = 0.01                   # what a trial itself reserves (Tune refuses 0): it only waits
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+SEARCH_FILE = "cldr_search.json"   # in a search's Tune directory: which search it holds (its digest)
 
 
 class TuneError(Exception):
@@ -188,23 +191,33 @@ def fit(tuner):
     return grid
 
 
-def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> dict:
-    """Runs one search and returns its record: every trial, the chosen one, its checkpoint."""
+def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log=print) -> dict:
+    """Runs one search, or resumes it where an interrupted run of the same settings left it, and
+    returns its record: every trial, the chosen one, its checkpoint."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from cldr_dist.experiment.runner import checkpoint_url
-    from cldr_dist.train.trainer import preflight, root_cause, storage_target
+    from cldr_dist.train.trainer import preflight, storage_target
     cfg = trial_config(spec, model, stage, init_from)
     preflight(cfg)   # a missing shard set or checkpoint is one line here, not an error per trial
     metric, lower_is_better = SELECT_METRIC[cfg.train.mode]
     space = spec.tune.pretrain_space if stage == "pretrain" else spec.tune.space
     run = f"{spec.name}-tune-{model}-{stage}"
     path, fs = storage_target(cfg.ray.storage_path)
+    # the trial only waits on its TorchTrainer, whose workers hold the CPUs
+    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
+    experiment = storage.join(cfg.ray.storage_path, run)
+    digest = search_digest(spec, model, stage, init_from)
+    if interrupted_search(experiment, digest):
+        log(f"{model} {stage}: resuming the interrupted search in {experiment}")
+        # a trial resumes under its own id, so its TorchTrainer (named after it) resumes from its
+        # last checkpoint; Tune restores the scheduler's rungs and the searcher's remaining draws
+        grid = fit(tune.Tuner.restore(f"{path}/{run}", trainable, resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=fs))
+        return _record(grid, cfg, spec, run, model, stage)
     tuner = tune.Tuner(
-        # the trial only waits on its TorchTrainer, whose workers hold the CPUs
-        tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
+        trainable,
         param_space={"cfg": cfg.to_dict(), "run": run, "params": search_space(space, spec.tune.trials)},
         tune_config=tune.TuneConfig(
             metric=metric, mode="min" if lower_is_better else "max", num_samples=num_samples(space, spec.tune.trials),
@@ -214,7 +227,28 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str) -> 
                                     reduction_factor=spec.tune.reduction_factor)),
         run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
                                   callbacks=[_progress_callback(model, stage, metric)]))
-    grid = fit(tuner)
+    storage.write_bytes(storage.join(experiment, SEARCH_FILE), json.dumps({"digest": digest}).encode())
+    return _record(fit(tuner), cfg, spec, run, model, stage)
+
+
+def interrupted_search(experiment: str, digest: str) -> bool:
+    """Whether `experiment` holds a saved search of these very settings (a finished search is
+    recorded, so one found here was interrupted)."""
+    from ray import tune
+
+    from cldr_dist.train.trainer import storage_target
+    marker = storage.join(experiment, SEARCH_FILE)
+    if not storage.exists(marker) or json.loads(storage.read_bytes(marker)).get("digest") != digest:
+        return False
+    path, fs = storage_target(experiment)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+
+
+def _record(grid, cfg: Config, spec: ExperimentSpec, run: str, model: str, stage: str) -> dict:
+    """The stage's record from Tune's results: every trial, the chosen one, its checkpoint."""
+    from cldr_dist.experiment.runner import checkpoint_url
+    from cldr_dist.train.trainer import root_cause
+    metric, lower_is_better = SELECT_METRIC[cfg.train.mode]
     trials = []
     for result in grid:
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
@@ -314,9 +348,9 @@ def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: st
     log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.max_epochs} epochs each, "
         f"on {spec.tune.split} validation")
     try:
-        record = tune_stage(spec, model, stage, init_from)
+        record = tune_stage(spec, model, stage, init_from, log)
     except KeyboardInterrupt:
-        log(f"{model} {stage}: interrupted; nothing recorded (a rerun searches this stage again)")
+        log(f"{model} {stage}: interrupted; nothing recorded (a rerun with the same settings resumes this search)")
         raise
     record["digest"] = search_digest(spec, model, stage, init_from)
     storage.write_bytes(str(record_path), json.dumps(record, indent=1, default=float).encode())

@@ -2,7 +2,11 @@
 experiment layers it), then a tiny real search (Ray Tune + ASHA over TorchTrainer runs) end to end."""
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -260,3 +264,52 @@ def _free_cpus() -> float:
 def _reserved_groups() -> list:
     import ray
     return [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+
+
+EPOCH_LINE = re.compile(r"graphdrp base trial (\S+): epoch (\d+) val_mse")   # `cldr tune`'s progress lines
+
+
+def test_an_interrupted_stage_resumes_where_it_stopped(tiny_shards, tmp_path):
+    """Ctrl+C in the middle of a stage's second trial, then the same command again: the search
+    resumes instead of starting over. The finished trial is not trained again, the interrupted one
+    goes on from its last checkpoint (not from epoch 1), and the record holds both trials."""
+    config = REPO / "configs" / "experiments" / "tiny.yaml"
+    command = [sys.executable, "-m", "cldr_dist.cli", "tune", "--config", str(config),
+               f"experiment.out={tmp_path / 'runs'}", f"tune.out={tmp_path / 'tiny_tuned.yaml'}",
+               f"common.data.shards={tiny_shards}", "experiment.arms=[base]", "tune.max_epochs=3",
+               "tune.grace_epochs=3", "tune.trials=2", "tune.concurrent=1", "common.train.log_every=100",
+               'tune.space={"train.lr": {"logspaced": [0.0001, 0.003]}, "train.batch_size": {"choice": [128]}}']
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    # a shell's Ctrl+C: SIGINT to the command, whose default handler a background pytest may not pass on
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    watchdog = threading.Timer(240, first.kill)   # a command that never ends fails the test, not the run
+    watchdog.start()
+    lines, interrupted = [], False
+    for line in first.stdout:
+        lines.append(line)
+        # trial 1's 3 epochs, then trial 2's first: its other two take far longer than Tune's stop
+        if not interrupted and len(EPOCH_LINE.findall("".join(lines))) == 4:
+            first.send_signal(signal.SIGINT)
+            interrupted = True
+    watchdog.cancel()
+    assert first.wait(timeout=120) == 130, "".join(lines)
+    assert "graphdrp base: interrupted; nothing recorded (a rerun with the same settings resumes" in "".join(lines)
+    before = [(trial, int(epoch)) for trial, epoch in EPOCH_LINE.findall("".join(lines))]
+    done_trial, cut_trial = before[0][0], before[-1][0]
+    assert [e for t, e in before if t == done_trial] == [1, 2, 3] and done_trial != cut_trial, before
+    cut_at = max(e for t, e in before if t == cut_trial)
+    assert cut_at < 3, before
+    record = tmp_path / "runs" / "tiny" / "tune" / "graphdrp-base.json"
+    assert not record.exists()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "graphdrp base: resuming the interrupted search" in second.stdout
+    after = [(trial, int(epoch)) for trial, epoch in EPOCH_LINE.findall(second.stdout)]
+    # only the cut trial trains, from past its last reported epoch (a checkpoint saved just as
+    # Ctrl+C came may be one epoch later than the last report) up to the cap
+    assert after and {t for t, _ in after} == {cut_trial}, second.stdout
+    assert after[0][1] in (cut_at + 1, cut_at + 2) and [e for _, e in after] == list(range(after[0][1], 4))
+    trials = json.loads(record.read_text())["trials"]
+    assert [t["epochs"] for t in trials] == [3, 3] and not any(t["error"] for t in trials)
