@@ -193,7 +193,7 @@ def fit(tuner):
 
 def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log=print) -> dict:
     """Runs one search, or resumes it where an interrupted run of the same settings left it, and
-    returns its record: every trial, the chosen one, its checkpoint."""
+    returns its record: every trial, the chosen one, its checkpoint, the search's digest."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -215,7 +215,7 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log
         # last checkpoint; Tune restores the scheduler's rungs and the searcher's remaining draws
         grid = fit(tune.Tuner.restore(f"{path}/{run}", trainable, resume_unfinished=True, resume_errored=True,
                                       storage_filesystem=fs))
-        return _record(grid, cfg, spec, run, model, stage)
+        return {**_record(grid, cfg, spec, run, model, stage), "digest": digest}
     tuner = tune.Tuner(
         trainable,
         param_space={"cfg": cfg.to_dict(), "run": run, "params": search_space(space, spec.tune.trials)},
@@ -228,7 +228,7 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log
         run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
                                   callbacks=[_progress_callback(model, stage, metric)]))
     storage.write_bytes(storage.join(experiment, SEARCH_FILE), json.dumps({"digest": digest}).encode())
-    return _record(fit(tuner), cfg, spec, run, model, stage)
+    return {**_record(fit(tuner), cfg, spec, run, model, stage), "digest": digest}
 
 
 def interrupted_search(experiment: str, digest: str) -> bool:
@@ -352,7 +352,6 @@ def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: st
     except KeyboardInterrupt:
         log(f"{model} {stage}: interrupted; nothing recorded (a rerun with the same settings resumes this search)")
         raise
-    record["digest"] = search_digest(spec, model, stage, init_from)
     storage.write_bytes(str(record_path), json.dumps(record, indent=1, default=float).encode())
     log(f"{model} {stage}: chose {_short(record['chosen']['params'])} "
         f"({record['metric']} {record['chosen']['score']:.5g} at epoch {record['best_epoch']})")
