@@ -68,6 +68,9 @@ class TuneSpec:
     split: str = "mixed"            # tune on this split's validation part; never on test
     trials: int = 4                 # per base model and stage
     max_epochs: int = 8             # a trial's epoch cap
+    # pretrain trials' cap; 0: max_epochs. A pretrain epoch costs several finetune epochs, and
+    # CLDR's finetune search must run where the pretrain search left its checkpoint
+    pretrain_max_epochs: int = 0
     grace_epochs: int = 2           # ASHA: epochs before a trial may be stopped
     reduction_factor: int = 2       # ASHA: keep 1 in this many trials at each rung
     concurrent: int = 1             # trials at once (each takes ray.num_workers x cpus_per_worker CPUs)
@@ -79,6 +82,10 @@ class TuneSpec:
     space: dict = field(default_factory=_default_space)                  # base and cldr_finetune: the same
     pretrain_space: dict = field(default_factory=_default_pretrain_space)
     out: str = ""                   # the chosen settings; default configs/experiments/NAME_tuned.yaml
+
+    def epochs(self, stage: str) -> int:
+        """A trial's epoch cap in this stage."""
+        return self.pretrain_max_epochs or self.max_epochs if stage == "pretrain" else self.max_epochs
 
 
 @dataclass
@@ -307,7 +314,9 @@ def check(spec: ExperimentSpec) -> None:
     for key in ("trials", "max_epochs", "grace_epochs", "reduction_factor", "concurrent"):
         need(getattr(spec.tune, key) >= (2 if key == "reduction_factor" else 1),
              f"tune.{key} must be at least {2 if key == 'reduction_factor' else 1}")
-    need(spec.tune.grace_epochs <= spec.tune.max_epochs, "tune.grace_epochs must not exceed tune.max_epochs")
+    need(spec.tune.pretrain_max_epochs >= 0, "tune.pretrain_max_epochs must be 0 (tune.max_epochs) or more")
+    need(spec.tune.grace_epochs <= min(spec.tune.epochs("pretrain"), spec.tune.max_epochs),
+         "tune.grace_epochs must not exceed tune.max_epochs or tune.pretrain_max_epochs")
     need(spec.tune.cpus_per_worker >= 0, "tune.cpus_per_worker must be 0 (the stage's ray.cpus_per_worker) or more")
     check_space(spec.tune.space, "tune.space")
     check_space(spec.tune.pretrain_space, "tune.pretrain_space")

@@ -129,7 +129,7 @@ def trial_config(spec: ExperimentSpec, model: str, stage: str, init_from: str = 
     cfg = stage_config(spec, mode, model, spec.tune.split, spec.tune.seed, pretrained=stage == "cldr_finetune",
                        tuned=False)
     cfg.train.epochs, cfg.train.patience, cfg.train.select, cfg.train.test_at_end = \
-        spec.tune.max_epochs, 0, "best_val", False
+        spec.tune.epochs(stage), 0, "best_val", False
     cfg.train.init_from = init_from
     if spec.tune.cpus_per_worker:
         cfg.ray.cpus_per_worker = spec.tune.cpus_per_worker
@@ -222,7 +222,7 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log
         tune_config=tune.TuneConfig(
             metric=metric, mode="min" if lower_is_better else "max", num_samples=num_samples(space, spec.tune.trials),
             search_alg=BasicVariantGenerator(random_state=spec.tune.seed, max_concurrent=spec.tune.concurrent),
-            scheduler=ASHAScheduler(time_attr=EPOCH_KEY, max_t=spec.tune.max_epochs,
+            scheduler=ASHAScheduler(time_attr=EPOCH_KEY, max_t=spec.tune.epochs(stage),
                                     grace_period=spec.tune.grace_epochs,
                                     reduction_factor=spec.tune.reduction_factor)),
         run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
@@ -265,7 +265,7 @@ def _record(grid, cfg: Config, spec: ExperimentSpec, run: str, model: str, stage
     return {"model": model, "stage": stage, "split": spec.tune.split, "metric": metric,
             "lower_is_better": lower_is_better, "trials": trials, "chosen": best,
             "settings": nested(best["params"]), "best_epoch": best["best_epoch"],
-            "checkpoint": best["checkpoint"], "max_epochs": spec.tune.max_epochs}
+            "checkpoint": best["checkpoint"], "max_epochs": spec.tune.epochs(stage)}
 
 
 def tuned_entry(record: dict) -> dict:
@@ -320,7 +320,9 @@ def search_digest(spec: ExperimentSpec, model: str, stage: str, init_from: str) 
     finetune starts from) and the search itself."""
     import dataclasses
     import hashlib
-    search = {k: v for k, v in dataclasses.asdict(spec.tune).items() if k != "out"}
+    # the pretrain cap only where it applies: records of the other stages predate it
+    ignored = {"out"} if stage == "pretrain" else {"out", "pretrain_max_epochs"}
+    search = {k: v for k, v in dataclasses.asdict(spec.tune).items() if k not in ignored}
     body = {"config": trial_config(spec, model, stage, init_from).to_dict(), "search": search}
     body["config"]["ray"].pop("name", None)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -345,7 +347,7 @@ def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: st
                      log) -> dict:
     if stage == "cldr_finetune" and not init_from:
         raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
-    log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.max_epochs} epochs each, "
+    log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.epochs(stage)} epochs each, "
         f"on {spec.tune.split} validation")
     try:
         record = tune_stage(spec, model, stage, init_from, log)

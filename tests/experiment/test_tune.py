@@ -114,6 +114,24 @@ def test_trials_may_run_on_fewer_cpus_than_the_stage():
         load_experiment(config, ["tune.cpus_per_worker=-1"], tuned=False)
 
 
+def test_pretrain_trials_may_have_their_own_epoch_cap():
+    """tune.pretrain_max_epochs caps pretrain trials only, and leaves the other stages' searches
+    (and so the digests their committed records carry) as they were."""
+    from cldr_dist.experiment.tune import search_digest
+    config = REPO / "configs" / "experiments" / "tiny.yaml"
+    spec = load_experiment(config, ["tune.max_epochs=6"], tuned=False)
+    capped = load_experiment(config, ["tune.max_epochs=6", "tune.pretrain_max_epochs=4"], tuned=False)
+    assert trial_config(spec, "graphdrp", "pretrain").train.epochs == 6
+    assert trial_config(capped, "graphdrp", "pretrain").train.epochs == 4
+    assert trial_config(capped, "graphdrp", "base").train.epochs == 6
+    assert search_digest(capped, "graphdrp", "base", "") == search_digest(spec, "graphdrp", "base", "")
+    assert search_digest(capped, "graphdrp", "pretrain", "") != search_digest(spec, "graphdrp", "pretrain", "")
+    with pytest.raises(ConfigError, match="tune.grace_epochs must not exceed"):
+        load_experiment(config, ["tune.grace_epochs=3", "tune.pretrain_max_epochs=2"], tuned=False)
+    with pytest.raises(ConfigError, match="tune.pretrain_max_epochs"):
+        load_experiment(config, ["tune.pretrain_max_epochs=-1"], tuned=False)
+
+
 def test_an_arm_without_tuned_settings_is_refused(tmp_path):
     tuned = tmp_path / "tuned.yaml"
     write_tuned(tuned)
