@@ -20,6 +20,7 @@ from cldr_dist.eval.classical import BASELINES
 from cldr_dist.eval.metrics import pearson, spearman
 from cldr_dist.eval.predict import load_predictions
 from cldr_dist.experiment.runner import write_json
+from cldr_dist.experiment.spec import TUNED_STAGES
 
 METRICS = ("pcc", "scc", "rmse", "mse", "r2", "rmse_ln_ic50")
 PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
@@ -475,6 +476,28 @@ def budget_lines(run_dirs: list[Path]) -> list[str]:
     return lines
 
 
+def tuning_lines(run_dirs: list[Path]) -> list[str]:
+    """Every `cldr tune` trial of each base model and stage (RUN_DIR/tune/MODEL-STAGE.json): its
+    settings, epochs reached against the cap, best validation score; the chosen one in bold."""
+    records = [json.loads(p.read_text()) for d in run_dirs for p in sorted((d / "tune").glob("*.json"))]
+    records.sort(key=lambda r: (r["model"], TUNED_STAGES.index(r["stage"]) if r["stage"] in TUNED_STAGES else 99))
+    keys = list(dict.fromkeys(k for r in records for t in r["trials"] for k in t["params"]))
+    if not records:
+        return []
+    lines = ["| model | stage | " + " | ".join(k.split(".")[-1] for k in keys) +
+             " | epochs (cap) | best epoch | validation score |",
+             "|---|---|" + "---|" * len(keys) + "---|---|---|"]
+    for r in records:
+        for t in r["trials"]:
+            chosen = t["params"] == r["chosen"]["params"]
+            values = [f"{t['params'][k]:.3g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "-"))
+                      for k in keys]
+            score = "-" if t["score"] is None else f"{r['metric']} {t['score']:.5g}"
+            lines.append(f"| {r['model']} | {r['stage']} | {' | '.join(values)} | {t['epochs']} ({r['max_epochs']}) | "
+                         f"{t['best_epoch'] if t['score'] is not None else '-'} | {f'**{score}**' if chosen else score} |")
+    return lines
+
+
 def per_drug_lines(rows: dict[str, list[dict]]) -> list[str]:
     """For each base model with both arms: on how many held-out drugs CLDR's PCC is higher."""
     lines = []
@@ -571,6 +594,10 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
         lines += [f"![finetune epochs]({fig})", ""] if fig else []
     if fig := fig_curves(tags, dest):
         lines += ["## Training curves", "", f"![training curves]({fig})", ""]
+    if tuning := tuning_lines(run_dirs):
+        lines += ["## Tuning (`cldr tune`, validation only)", "",
+                  "Each stage's trials on the validation part of their split; the chosen trial in bold.", "",
+                  *tuning, ""]
     lines += ["## Budget", "", *budget_lines(run_dirs), ""]
     dest.mkdir(parents=True, exist_ok=True)
     report = dest / "report.md"
