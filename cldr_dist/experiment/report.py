@@ -481,9 +481,9 @@ def tuning_lines(run_dirs: list[Path]) -> list[str]:
     settings, epochs reached against the cap, best validation score; the chosen one in bold."""
     records = [json.loads(p.read_text()) for d in run_dirs for p in sorted((d / "tune").glob("*.json"))]
     records.sort(key=lambda r: (r["model"], TUNED_STAGES.index(r["stage"]) if r["stage"] in TUNED_STAGES else 99))
-    keys = list(dict.fromkeys(k for r in records for t in r["trials"] for k in t["params"]))
     if not records:
         return []
+    keys = list(dict.fromkeys(k for r in records for t in r["trials"] for k in t["params"]))
     lines = ["| model | stage | " + " | ".join(k.split(".")[-1] for k in keys) +
              " | epochs (cap) | best epoch | validation score |",
              "|---|---|" + "---|" * len(keys) + "---|---|---|"]

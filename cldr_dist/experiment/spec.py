@@ -85,7 +85,7 @@ class TuneSpec:
 
     def epochs(self, stage: str) -> int:
         """A trial's epoch cap in this stage."""
-        return self.pretrain_max_epochs or self.max_epochs if stage == "pretrain" else self.max_epochs
+        return (self.pretrain_max_epochs or self.max_epochs) if stage == "pretrain" else self.max_epochs
 
 
 @dataclass
