@@ -82,6 +82,9 @@ def pin_spec(spec: ExperimentSpec) -> None:
     how arms are trained, which would mix two experiments in one table."""
     path = spec.run_dir / "experiment.json"
     current, commands = spec.to_dict(), []
+    # only the models this command trains are pinned: another model in the tuned file may still be
+    # tuning (its CLDR stages after its base stage) when this experiment starts
+    current["tuned_settings"] = {m: s for m, s in current["tuned_settings"].items() if m in spec.models}
     if path.is_file():
         recorded = json.loads(path.read_text())
         before, defaults = recorded["spec"], ExperimentSpec().to_dict()
@@ -89,8 +92,9 @@ def pin_spec(spec: ExperimentSpec) -> None:
                    and before.get(k, defaults[k]) != current.get(k, defaults[k])]
         # tuning a model the experiment adds is fine; other tuned settings for a model it ran are not
         tuned_before = before.get("tuned_settings", {})
-        if any(tuned_before[m] != current["tuned_settings"].get(m) for m in tuned_before):
+        if any(tuned_before[m] != current["tuned_settings"][m] for m in tuned_before if m in current["tuned_settings"]):
             changed.append("tuned_settings")
+        current["tuned_settings"] = {**tuned_before, **current["tuned_settings"]}  # a rerun of fewer models keeps the rest
         if changed:
             raise ConfigError(f"{spec.run_dir} was started with other {', '.join(changed)} settings; "
                               f"use another experiment.name or remove the directory")

@@ -94,6 +94,28 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, spec):
     assert recorded["commands"] == [first, spec.command] and recorded["spec"]["seeds"] == [171, 172]
 
 
+def test_only_the_models_an_experiment_trains_have_their_tuned_settings_pinned(spec):
+    """A model still being tuned (base stage done, CLDR stages not yet) may be tuned further after
+    an experiment on the other models started; a tuned model the experiment trained may not change."""
+    from cldr_dist.config import ConfigError
+    from cldr_dist.experiment.runner import pin_spec
+    done = {"base": {"settings": {"train": {"lr": 1e-3}}, "best_epoch": 2, "max_epochs": 2}}
+    spec.models = ["graphdrp"]
+    spec.tuned_settings = {"graphdrp": done, "deepcdr": done}
+    pin_spec(spec)
+    spec.tuned_settings = {"graphdrp": done, "deepcdr": {**done, "pretrain": done["base"]}}
+    spec.models = ["graphdrp", "deepcdr"]
+    pin_spec(spec)
+    spec.models = ["graphdrp"]
+    pin_spec(spec)  # a rerun of fewer models keeps the pinned settings of the rest
+    recorded = json.loads((spec.run_dir / "experiment.json").read_text())["spec"]["tuned_settings"]
+    assert set(recorded) == {"graphdrp", "deepcdr"} and "pretrain" in recorded["deepcdr"]
+    spec.models = ["deepcdr"]
+    spec.tuned_settings = {"deepcdr": done}
+    with pytest.raises(ConfigError, match="was started with other tuned_settings settings"):
+        pin_spec(spec)
+
+
 def test_a_failed_run_is_named_by_the_workers_own_error():
     from cldr_dist.train.trainer import root_cause
 
