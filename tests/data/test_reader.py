@@ -264,3 +264,27 @@ def test_in_memory_load_still_checks_shards(tiny_shards, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-20])
     with pytest.raises(ShardError, match=victim.name):
         ShardStream(shards, "mixed", "train", batch_size=16).load_in_memory()
+
+
+FREED_HEAP = """
+import psutil
+from cldr_dist.data.reader import release_free_heap
+me = psutil.Process()
+chunks = [bytes(4000) + bytes([i % 256]) for i in range(100_000)]  # ~400 MB in the malloc heap
+sentinel = bytes(4000) + b"s"   # allocated above them: the heap's top cannot shrink by itself
+del chunks
+before = me.memory_info().rss
+print(release_free_heap(), (before - me.memory_info().rss) / 2**20)
+"""
+
+
+def test_freed_heap_pages_go_back_before_loader_workers_fork():
+    """What a forked loader worker would otherwise copy as its allocator writes into them
+    (a fresh interpreter: this process's heap is whatever earlier tests left)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FREED_HEAP], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    if out[0] == "False":
+        pytest.skip("this C library has no malloc_trim")
+    assert float(out[1]) > 300, f"only {out[1]} MiB of ~390 MiB freed heap went back to the OS"
