@@ -19,7 +19,9 @@ other settings starts a new search.
 """
 from __future__ import annotations
 
+import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -75,14 +77,27 @@ def nested(params: dict) -> dict:
 
 
 def trial_summary(params: dict, history: list[dict], metric: str, lower_is_better: bool) -> dict:
-    """One trial from its reported rows: epochs reached and its best validation epoch."""
+    """One trial from its reported rows: epochs reached, its best validation epoch, and every
+    epoch's score ([epoch, score] pairs)."""
     scored = [r for r in history if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])
               and r.get(EPOCH_KEY) is not None]
     epochs = max((int(r[EPOCH_KEY]) for r in scored), default=0)
     if not scored:
-        return {"params": params, "epochs": 0, "best_epoch": 0, "score": None}
+        return {"params": params, "epochs": 0, "best_epoch": 0, "score": None, "scores": []}
     best = (min if lower_is_better else max)(scored, key=lambda r: r[metric])
-    return {"params": params, "epochs": epochs, "best_epoch": int(best[EPOCH_KEY]), "score": float(best[metric])}
+    return {"params": params, "epochs": epochs, "best_epoch": int(best[EPOCH_KEY]), "score": float(best[metric]),
+            "scores": [[int(r[EPOCH_KEY]), float(r[metric])] for r in scored]}
+
+
+def epoch_rows(metrics_csv: str, metric: str) -> list[dict]:
+    """A training run's end-of-epoch scores from its metrics CSV (train/runlog.py: time, epoch,
+    step, name, value), as trial_summary reads them. Tune rewrites a resumed trial's result
+    rows from the resume on, so they lose the epochs before it; the run's own CSV is appended
+    to across resumes and keeps them. An epoch logged twice (a run resumed from a checkpoint
+    older than its last log line) counts at its last entry."""
+    by_epoch = {int(row["epoch"]): float(row["value"])
+                for row in csv.DictReader(io.StringIO(metrics_csv)) if row["name"] == metric}
+    return [{EPOCH_KEY: epoch, metric: score} for epoch, score in sorted(by_epoch.items())]
 
 
 def choose(trials: list[dict], lower_is_better: bool) -> dict:
@@ -244,6 +259,18 @@ def interrupted_search(experiment: str, digest: str) -> bool:
     return tune.Tuner.can_restore(path, storage_filesystem=fs)
 
 
+def run_history(cfg: Config, run: str, trial_metrics: dict, metric: str) -> list[dict]:
+    """A trial's every epoch from its training run's metrics CSV (see epoch_rows); [] for a
+    trial that reported nothing or logged no epoch."""
+    from cldr_dist.train.trainer import log_dir
+    if not trial_metrics.get("trial_id"):
+        return []
+    run_cfg = config_from_dict(cfg.to_dict())
+    run_cfg.ray.name = f"{run}-{trial_metrics['trial_id']}"   # as run_trial names the trial's run
+    path = storage.join(log_dir(run_cfg), f"{cfg.train.mode}_metrics.csv")
+    return epoch_rows(storage.read_bytes(path).decode(), metric) if storage.exists(path) else []
+
+
 def _record(grid, cfg: Config, spec: ExperimentSpec, run: str, model: str, stage: str) -> dict:
     """The stage's record from Tune's results: every trial, the chosen one, its checkpoint."""
     from cldr_dist.experiment.runner import checkpoint_url
@@ -251,9 +278,10 @@ def _record(grid, cfg: Config, spec: ExperimentSpec, run: str, model: str, stage
     metric, lower_is_better = SELECT_METRIC[cfg.train.mode]
     trials = []
     for result in grid:
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        reported = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        history = run_history(cfg, run, result.metrics or {}, metric) or reported
         summary = trial_summary(result.config["params"], history, metric, lower_is_better)
-        checkpoints = [r[CHECKPOINT_KEY] for r in history if isinstance(r.get(CHECKPOINT_KEY), str)]
+        checkpoints = [r[CHECKPOINT_KEY] for r in reported if isinstance(r.get(CHECKPOINT_KEY), str)]
         summary.update(checkpoint=checkpoint_url(checkpoints[-1], cfg) if checkpoints else "",
                        error=root_cause(result.error) if result.error else "")
         trials.append(summary)

@@ -16,8 +16,8 @@ from cldr_dist import cli
 from cldr_dist.config import ConfigError
 from cldr_dist.experiment.spec import load_experiment, stage_config
 from cldr_dist.experiment.spec import arm_stages
-from cldr_dist.experiment.tune import (choose, fit, logspaced, nested, num_samples, search_space, trial_config,
-                                      trial_summary)
+from cldr_dist.experiment.tune import (choose, epoch_rows, fit, logspaced, nested, num_samples, search_space,
+                                      trial_config, trial_summary)
 
 from tests.conftest import REPO, local_ray_session, own_state_api
 
@@ -28,12 +28,29 @@ def test_trial_summary_takes_the_best_validated_epoch():
                {"val_mse": 0.03, "epochs_done": 3}, {"val_mse": float("nan"), "epochs_done": 4}]
     t = trial_summary({"train.lr": 0.1}, history, "val_mse", lower_is_better=True)
     assert (t["epochs"], t["best_epoch"], t["score"]) == (3, 2, 0.02)
+    assert t["scores"] == [[1, 0.04], [2, 0.02], [3, 0.03]]
     higher = trial_summary({}, [{"val_zeroshot_pcc": 0.1, "epochs_done": 1},
                                 {"val_zeroshot_pcc": 0.3, "epochs_done": 2}], "val_zeroshot_pcc", False)
     assert higher["best_epoch"] == 2
     assert trial_summary({}, history[:1], "val_mse", True)["score"] is None
     trials = [{"score": 0.03}, {"score": None}, {"score": 0.01}]
     assert choose(trials, True)["score"] == 0.01 and choose(trials, False)["score"] == 0.03
+
+
+def test_a_resumed_trial_keeps_the_epochs_before_its_resume():
+    """Its training run's CSV, appended to across the resume; Tune's rows would start at epoch 2
+    and miss the best epoch. An epoch logged again after a resume from an older checkpoint counts
+    at its last entry."""
+    log = ("time,epoch,step,name,value\n"
+           "9.5,1,19,loss,7.4\n9.6,1,19,val_zeroshot_pcc,0.098\n9.6,1,19,best_epoch,1\n"
+           "20.1,2,38,val_zeroshot_pcc,0.050\n"
+           "3.0,2,38,val_zeroshot_pcc,0.075\n7.2,3,57,val_zeroshot_pcc,0.078\n")  # resumed after epoch 1
+    rows = epoch_rows(log, "val_zeroshot_pcc")
+    assert rows == [{"epochs_done": 1, "val_zeroshot_pcc": 0.098}, {"epochs_done": 2, "val_zeroshot_pcc": 0.075},
+                    {"epochs_done": 3, "val_zeroshot_pcc": 0.078}]
+    t = trial_summary({}, rows, "val_zeroshot_pcc", lower_is_better=False)
+    assert (t["epochs"], t["best_epoch"], t["score"]) == (3, 1, 0.098)
+    assert epoch_rows("time,epoch,step,name,value\n1.0,0,5,loss,3.0\n", "val_mse") == []
 
 
 def test_nested_settings_are_config_sections():
@@ -333,3 +350,5 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tiny_shards, tmp_path):
     assert after[0][1] in (cut_at + 1, cut_at + 2) and [e for _, e in after] == list(range(after[0][1], 4))
     trials = json.loads(record.read_text())["trials"]
     assert [t["epochs"] for t in trials] == [3, 3] and not any(t["error"] for t in trials)
+    # the cut trial's record holds its epochs from before the resume too
+    assert [[e for e, _ in t["scores"]] for t in trials] == [[1, 2, 3], [1, 2, 3]], trials
