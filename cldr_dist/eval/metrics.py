@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MIN_SAMPLES_PER_DRUG = 10  # a drug's PCC over fewer cell lines is noise
+CONSTANT_SPREAD = 1e-6     # float32 rounding of one value is ~1e-7; a model that uses cell lines spreads ~1e-2
 LN_IC50_SCALE = 10.0  # y = sigmoid(0.1 * ln_ic50)  =>  ln_ic50 = 10 * logit(y)
 Y_EPS = 1e-6          # keeps logit finite for predictions at exactly 0 or 1
 
@@ -18,6 +20,8 @@ def rmse(y, p) -> float:
 
 def pearson(y, p) -> float:
     y, p = np.asarray(y, float), np.asarray(p, float)
+    if len(y) == 0 or np.ptp(y) == 0 or np.ptp(p) == 0:
+        return 0.0   # constant input: no correlation (its mean's rounding must not fake one)
     yc, pc = y - y.mean(), p - p.mean()
     denom = np.sqrt((yc ** 2).sum() * (pc ** 2).sum())
     return float((yc * pc).sum() / denom) if denom > 0 else 0.0   # constant input: no correlation
@@ -54,3 +58,27 @@ def all_metrics(y, p) -> dict[str, float]:
     """Every reported metric for true y and predicted y."""
     return {"rmse": rmse(y, p), "mse": mse(y, p), "pcc": pearson(y, p), "scc": spearman(y, p),
             "r2": r2(y, p), "rmse_ln_ic50": rmse(ln_ic50_from_y(y), ln_ic50_from_y(p))}
+
+
+def per_drug_pcc(y, p, drug_ids, min_samples: int = MIN_SAMPLES_PER_DRUG) -> dict[str, float]:
+    """PCC over each drug's cell lines, for drugs with at least min_samples pairs: how well a
+    model ranks cell lines for one drug, which the pooled PCC hides behind drug differences."""
+    y, p, drug_ids = np.asarray(y, float), np.asarray(p, float), np.asarray(drug_ids)
+    out = {}
+    for drug in np.unique(drug_ids):
+        mask = drug_ids == drug
+        if mask.sum() >= min_samples:
+            out[str(drug)] = pearson(y[mask], p[mask])
+    return out
+
+
+def within_drug_spread(p, drug_ids, min_samples: int = 2) -> float | None:
+    """The median over drugs of the std of a drug's predictions across its cell lines; 0 when
+    a model predicts one value per drug, i.e. ignores the cell line. None: no drug has enough pairs."""
+    p, drug_ids = np.asarray(p, float), np.asarray(drug_ids)
+    spreads = [p[drug_ids == d].std() for d in np.unique(drug_ids) if (drug_ids == d).sum() >= min_samples]
+    return float(np.median(spreads)) if spreads else None
+
+
+def ignores_cell_line(spread: float | None) -> bool:
+    return spread is not None and spread < CONSTANT_SPREAD

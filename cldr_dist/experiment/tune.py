@@ -19,9 +19,7 @@ other settings starts a new search.
 """
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import json
 import math
 import os
@@ -33,10 +31,13 @@ import yaml
 
 from cldr_dist.config import Config, ConfigError, apply_setting, config_from_dict, validate
 from cldr_dist.data import storage
+from cldr_dist.eval.metrics import ignores_cell_line
 from cldr_dist.experiment.spec import ExperimentSpec, arm_stages, read_tuned, stage_config, tuned_path
+from cldr_dist.train.runlog import epoch_values
 from cldr_dist.train.schedule import SELECT_METRIC
 
 EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/loop.py)
+SPREAD_KEY = "val_within_drug_std"  # evaluate(): 0 when the model ignores the cell line
 CHECKPOINT_KEY = "checkpoint_path"  # Tune's reporter adds the Train checkpoint's path under this key
 TRIAL_CPU = 0.01                   # what a trial itself reserves (Tune refuses 0): it only waits
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
@@ -78,33 +79,43 @@ def nested(params: dict) -> dict:
 
 def trial_summary(params: dict, history: list[dict], metric: str, lower_is_better: bool) -> dict:
     """One trial from its reported rows: epochs reached, its best validation epoch, and every
-    epoch's score ([epoch, score] pairs)."""
+    epoch's score ([epoch, score] pairs). An epoch whose model ignores the cell line (one
+    prediction per drug) is no candidate: on mixed validation a per-drug mean scores close to a
+    real model, and chosen, its settings would train drug-only predictors."""
     scored = [r for r in history if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])
               and r.get(EPOCH_KEY) is not None]
     epochs = max((int(r[EPOCH_KEY]) for r in scored), default=0)
-    if not scored:
-        return {"params": params, "epochs": 0, "best_epoch": 0, "score": None, "scores": []}
-    best = (min if lower_is_better else max)(scored, key=lambda r: r[metric])
-    return {"params": params, "epochs": epochs, "best_epoch": int(best[EPOCH_KEY]), "score": float(best[metric]),
-            "scores": [[int(r[EPOCH_KEY]), float(r[metric])] for r in scored]}
+    ignoring = [int(r[EPOCH_KEY]) for r in scored if ignores_cell_line(r.get(SPREAD_KEY))]
+    eligible = [r for r in scored if int(r[EPOCH_KEY]) not in ignoring]
+    summary = {"params": params, "epochs": epochs, "best_epoch": 0, "score": None,
+               "scores": [[int(r[EPOCH_KEY]), float(r[metric])] for r in scored], "ignores_cell_line": ignoring}
+    if eligible:
+        best = (min if lower_is_better else max)(eligible, key=lambda r: r[metric])
+        summary.update(best_epoch=int(best[EPOCH_KEY]), score=float(best[metric]))
+    return summary
 
 
 def epoch_rows(metrics_csv: str, metric: str) -> list[dict]:
-    """A training run's end-of-epoch scores from its metrics CSV (train/runlog.py: time, epoch,
-    step, name, value), as trial_summary reads them. Tune rewrites a resumed trial's result
-    rows from the resume on, so they lose the epochs before it; the run's own CSV is appended
-    to across resumes and keeps them. An epoch logged twice (a run resumed from a checkpoint
-    older than its last log line) counts at its last entry."""
-    by_epoch = {int(row["epoch"]): float(row["value"])
-                for row in csv.DictReader(io.StringIO(metrics_csv)) if row["name"] == metric}
-    return [{EPOCH_KEY: epoch, metric: score} for epoch, score in sorted(by_epoch.items())]
+    """A training run's end-of-epoch rows from its metrics CSV, as trial_summary reads them: the
+    metric and the validation predictions' within-drug spread. Tune rewrites a resumed trial's
+    result rows from the resume on, so they lose the epochs before it; the run's own CSV is
+    appended to across resumes and keeps them."""
+    scores, spreads = epoch_values(metrics_csv, metric), epoch_values(metrics_csv, SPREAD_KEY)
+    return [{EPOCH_KEY: epoch, metric: score, SPREAD_KEY: spreads.get(epoch)} for epoch, score in sorted(scores.items())]
+
+
+def trial_run_name(run: str, trial_id: str) -> str:
+    """A trial's training run, beside its search: STORAGE/NAME-tune-MODEL-STAGE-ID."""
+    return f"{run}-{trial_id}"
 
 
 def choose(trials: list[dict], lower_is_better: bool) -> dict:
     """The trial with the best validation score at any of its epochs."""
     scored = [t for t in trials if t["score"] is not None]
     if not scored:
-        raise TuneError("no trial reported a validation score")
+        ignoring = sum(bool(t.get("ignores_cell_line")) for t in trials)
+        raise TuneError("no trial reported a validation score" +
+                        (f" from a model that uses the cell line ({ignoring} ignored it)" if ignoring else ""))
     return (min if lower_is_better else max)(scored, key=lambda t: t["score"])
 
 
@@ -132,7 +143,7 @@ def run_trial(config: dict) -> None:
         for key, value in values.items():
             apply_setting(cfg, section, key, value)
     validate(cfg)   # again, with the sampled settings
-    cfg.ray.name = f"{config['run']}-{ray.tune.get_context().get_trial_id()}"
+    cfg.ray.name = trial_run_name(config["run"], ray.tune.get_context().get_trial_id())
     trainer.run(cfg, callbacks=[_epoch_reporter(SELECT_METRIC[cfg.train.mode][0])])
 
 
@@ -266,7 +277,7 @@ def run_history(cfg: Config, run: str, trial_metrics: dict, metric: str) -> list
     if not trial_metrics.get("trial_id"):
         return []
     run_cfg = config_from_dict(cfg.to_dict())
-    run_cfg.ray.name = f"{run}-{trial_metrics['trial_id']}"   # as run_trial names the trial's run
+    run_cfg.ray.name = trial_run_name(run, trial_metrics["trial_id"])
     path = storage.join(log_dir(run_cfg), f"{cfg.train.mode}_metrics.csv")
     return epoch_rows(storage.read_bytes(path).decode(), metric) if storage.exists(path) else []
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from cldr_dist.config import Config, TrainConfig, config_from_dict
 from cldr_dist.data import storage
 from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, fits_in_memory, make_loader, open_shards
-from cldr_dist.eval.metrics import all_metrics
+from cldr_dist.eval.metrics import all_metrics, ignores_cell_line, per_drug_pcc, within_drug_spread
 from cldr_dist.models.cldr import CLDRModel, model_for_data
 from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_state_dict, load_model_weights,
                                         model_weights, restore_checkpoint, save_checkpoint)
@@ -28,6 +28,7 @@ from cldr_dist.train.device import select_accelerator
 from cldr_dist.train.runlog import RunLog
 from cldr_dist.train.schedule import SELECT_METRIC, lr_at, scaled_lr, takes_selection
 
+EPOCH_LINE_KEYS = ("val_pcc", "val_mse", "val_drug_pcc", "val_zero", "number_hits", "best_epoch")
 FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the last rank dies once at STEP
 
 
@@ -95,7 +96,7 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
     keep = cfg.train.zeroshot_samples // world if zero_shot else 0
     pred = predict_part(cfg, shards, model, part, rank, world, device=device, keep_samples=keep,
                         wordpiece=zero_shot and cfg.model.text_tower == "minilm")
-    local = {"y": pred["y"], "p": pred["p"]}
+    local = {"y": pred["y"], "p": pred["p"], "drug_ids": pred["drug_ids"]}
     numbers = NumberTexts(shards.features) if pred["batches"] or relation is not None else None
     if pred["batches"]:
         local["zs_y"], local["zs_p"] = zeroshot_predict(model, pred["batches"], numbers)
@@ -107,6 +108,13 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
     p = np.concatenate([g["p"] for g in gathered])
     out = {f"{part}_{k}": v for k, v in all_metrics(y, p).items()}
     out[f"{part}_samples"] = int(len(y))
+    drugs = np.concatenate([g["drug_ids"] for g in gathered])
+    per_drug = per_drug_pcc(y, p, drugs)
+    if per_drug:
+        out[f"{part}_drug_pcc"] = float(np.mean(list(per_drug.values())))
+    spread = within_drug_spread(p, drugs)
+    if spread is not None:
+        out[f"{part}_within_drug_std"] = spread
     if any("zs_y" in g for g in gathered):
         zy = np.concatenate([g["zs_y"] for g in gathered if "zs_y" in g])
         zp = np.concatenate([g["zs_p"] for g in gathered if "zs_p" in g])
@@ -312,7 +320,10 @@ def train_loop_per_worker(config: dict) -> None:
             state.metrics.update(epoch_metrics)
             log.scalars(state.epoch, state.step, epoch_metrics)
             log.line(f"end of epoch {state.epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()
-                                                               if k.startswith(("val_pcc", "val_mse", "val_zero", "number_hits", "best_epoch"))))
+                                                               if k.startswith(EPOCH_LINE_KEYS)))
+            if ignores_cell_line(epoch_metrics.get("val_within_drug_std")):
+                log.line("warning: every drug gets one prediction for all its validation cell lines: the model "
+                         "ignores the cell line (its cell branch's ReLUs likely died; a lower train.lr may keep them)")
             if stopped_early():
                 log.line(f"early stop: no better {select_key} for {state.stale_epochs} epochs; "
                          f"keeping epoch {state.best_epoch}")

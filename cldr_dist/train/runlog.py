@@ -10,12 +10,20 @@ the end of the run; a resumed run first downloads the CSV and appends to it.
 from __future__ import annotations
 
 import csv
+import io
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from cldr_dist.data import storage
+
+
+def epoch_values(metrics_csv: str, name: str) -> dict[int, float]:
+    """{epoch: value} of one metric in a RunLog CSV. A resumed run appends to its CSV, so an
+    epoch logged twice (resumed from a checkpoint older than its last line) counts at its last entry."""
+    return {int(row["epoch"]): float(row["value"])
+            for row in csv.DictReader(io.StringIO(metrics_csv)) if row["name"] == name}
 
 
 class RunLog:

@@ -43,3 +43,18 @@ def test_ln_ic50_inverts_the_label():
 
 def test_constant_input_gives_zero_correlation():
     assert M.pearson([1, 2, 3], [5, 5, 5]) == 0.0
+
+
+def test_per_drug_pcc_and_the_within_drug_spread():
+    rng = np.random.default_rng(1)
+    drugs = np.repeat(["a", "b", "c"], [20, 20, 5])          # c has too few cell lines for a PCC
+    y = rng.random(45)
+    p = y + 0.1 * rng.random(45)
+    per = M.per_drug_pcc(y, p, drugs)
+    assert set(per) == {"a", "b"} and per["a"] == pytest.approx(np.corrcoef(y[:20], p[:20])[0, 1])
+    assert M.within_drug_spread(p, drugs) == pytest.approx(np.median([p[:20].std(), p[20:40].std(), p[40:].std()]))
+    assert not M.ignores_cell_line(M.within_drug_spread(p, drugs))
+    drug_only = np.repeat([0.3, 0.6, 0.5], [20, 20, 5])       # one prediction per drug
+    assert M.ignores_cell_line(M.within_drug_spread(drug_only, drugs))   # float noise, not exactly 0
+    assert M.per_drug_pcc(y, drug_only, drugs) == {"a": 0.0, "b": 0.0}
+    assert M.within_drug_spread(p[:1], drugs[:1]) is None and not M.ignores_cell_line(None)

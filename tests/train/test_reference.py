@@ -9,7 +9,7 @@ from cldr_dist.data.labels import NUM_NUMBER_TEXTS
 from cldr_dist.data.reader import ShardStream, make_loader, open_shards
 from cldr_dist.eval import predict as predict_mod
 from cldr_dist.eval import zeroshot as zeroshot_mod
-from cldr_dist.eval.metrics import all_metrics
+from cldr_dist.eval.metrics import all_metrics, per_drug_pcc, within_drug_spread
 from cldr_dist.train.loop import build_objective, uses_captions
 from cldr_dist.train.reference import train_reference
 
@@ -84,6 +84,10 @@ def test_finetune_and_pretrain_run_end_to_end(tiny_shards, tmp_path, monkeypatch
         assert len(p) == 120 and np.all((p > 0) & (p < 1))
         assert p.std() > 1e-5                  # the prediction depends on the sample
         assert out["test_rmse"] == pytest.approx(all_metrics(y, p)["rmse"])   # reported from these
+        # no tiny test drug has the 10 cell lines a per-drug PCC needs; every one has the 2 a spread needs
+        assert per_drug_pcc(y, p, seen["predict_part"]["drug_ids"]) == {} and "test_drug_pcc" not in out
+        assert out["test_within_drug_std"] == pytest.approx(within_drug_spread(p, seen["predict_part"]["drug_ids"]))
+        assert out["test_within_drug_std"] > 1e-6    # the prediction depends on the cell line too
         if mode == "finetune":
             # MSE steps moved the test predictions towards y (they start near the sigmoid's centre)
             assert out["test_rmse"] < all_metrics(y, untrained)["rmse"]
