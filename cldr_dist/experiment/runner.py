@@ -90,10 +90,16 @@ def pin_spec(spec: ExperimentSpec) -> None:
         before, defaults = recorded["spec"], ExperimentSpec().to_dict()
         changed = [k for k in PINNED_KEYS if k != "tuned_settings"
                    and before.get(k, defaults[k]) != current.get(k, defaults[k])]
-        # tuning a model the experiment adds is fine; other tuned settings for a model it ran are not
+        # tuning a model the experiment adds is fine; so is retuning a stage no finished run used
         tuned_before = before.get("tuned_settings", {})
-        if any(tuned_before[m] != current["tuned_settings"][m] for m in tuned_before if m in current["tuned_settings"]):
-            changed.append("tuned_settings")
+        stale = [f"{m} {stage}: " + ", ".join(str(f.relative_to(spec.run_dir)) for f in files)
+                 for m in tuned_before if m in current["tuned_settings"]
+                 for stage in retuned_stages(tuned_before[m], current["tuned_settings"][m])
+                 if (files := trained_with(spec.run_dir, m, stage))]
+        if stale:
+            raise ConfigError(f"{spec.run_dir}: tuned settings changed for runs that used the earlier ones "
+                              f"({'; '.join(stale)}); remove those files, and the runs under the experiment's "
+                              f"ray storage, to retrain them, or use another experiment.name")
         current["tuned_settings"] = {**tuned_before, **current["tuned_settings"]}  # a rerun of fewer models keeps the rest
         if changed:
             raise ConfigError(f"{spec.run_dir} was started with other {', '.join(changed)} settings; "
@@ -102,6 +108,25 @@ def pin_spec(spec: ExperimentSpec) -> None:
     if spec.command not in commands:  # every distinct command that added arms, for the report
         commands.append(spec.command)
     write_json(path, {"spec": current, "machine": machine(), "commands": commands})
+
+
+# which arm and training run each tuned stage sets: (arm name, train.mode)
+STAGE_RUNS = {"base": ("base", "finetune"), "pretrain": ("cldr", "pretrain"), "cldr_finetune": ("cldr", "finetune")}
+
+
+def retuned_stages(before: dict, now: dict) -> list[str]:
+    return [stage for stage in sorted(set(before) | set(now)) if before.get(stage) != now.get(stage)]
+
+
+def trained_with(run_dir: Path, model: str, stage: str) -> list[Path]:
+    """The finished runs and arms of `model` that a tuned stage's settings trained: its stage
+    records, and the results of the arms built on them (variants included)."""
+    arm, mode = STAGE_RUNS[stage]
+    found = [f for pattern in (f"*-{model}-{arm}-s*-{mode}.json", f"*-{model}-{arm}-*-s*-{mode}.json")
+             for f in (run_dir / "stages").glob(pattern)]
+    found += [f for pattern in (f"*-{model}-{arm}-s*.json", f"*-{model}-{arm}-*-s*.json")
+              for f in (run_dir / "results").glob(pattern)]
+    return sorted(set(found))
 
 
 def checkpoint_url(path: str, cfg: Config) -> str:

@@ -96,7 +96,7 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, spec):
 
 def test_only_the_models_an_experiment_trains_have_their_tuned_settings_pinned(spec):
     """A model still being tuned (base stage done, CLDR stages not yet) may be tuned further after
-    an experiment on the other models started; a tuned model the experiment trained may not change."""
+    an experiment on the other models started; a tuned stage a finished run used may not change."""
     from cldr_dist.config import ConfigError
     from cldr_dist.experiment.runner import pin_spec
     done = {"base": {"settings": {"train": {"lr": 1e-3}}, "best_epoch": 2, "max_epochs": 2}}
@@ -111,8 +111,19 @@ def test_only_the_models_an_experiment_trains_have_their_tuned_settings_pinned(s
     recorded = json.loads((spec.run_dir / "experiment.json").read_text())["spec"]["tuned_settings"]
     assert set(recorded) == {"graphdrp", "deepcdr"} and "pretrain" in recorded["deepcdr"]
     spec.models = ["deepcdr"]
-    spec.tuned_settings = {"deepcdr": done}
-    with pytest.raises(ConfigError, match="was started with other tuned_settings settings"):
+    retuned = {**done, "pretrain": {**done["base"], "best_epoch": 1}}
+    spec.tuned_settings = {"deepcdr": retuned}
+    pin_spec(spec)   # no deepcdr run used its earlier pretrain settings: retuning the stage is fine
+    for name in ("stages/drug_blind-deepcdr-cldr-s171-pretrain.json", "results/drug_blind-deepcdr-base-s171.json"):
+        (spec.run_dir / name).parent.mkdir(exist_ok=True)
+        (spec.run_dir / name).write_text("{}")
+    spec.tuned_settings = {"deepcdr": {**retuned, "cldr_finetune": done["base"]}}
+    pin_spec(spec)   # a finished base arm does not hold CLDR's finetune settings
+    spec.tuned_settings = {"deepcdr": {**retuned, "pretrain": done["base"], "cldr_finetune": done["base"]}}
+    with pytest.raises(ConfigError, match=r"deepcdr pretrain: stages/drug_blind-deepcdr-cldr-s171-pretrain\.json\)"):
+        pin_spec(spec)
+    spec.tuned_settings = {"deepcdr": {**retuned, "base": retuned["pretrain"], "cldr_finetune": done["base"]}}
+    with pytest.raises(ConfigError, match=r"deepcdr base: results/drug_blind-deepcdr-base-s171\.json\)"):
         pin_spec(spec)
 
 
