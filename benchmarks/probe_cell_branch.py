@@ -1,0 +1,81 @@
+"""Does a trained model still use the cell line? For each trial of `cldr tune` records (or any
+checkpoint directory), on the tune split's validation part:
+
+    spread     median over drugs of the std of the predictions across the drug's cell lines
+               (0: one prediction per drug, the cell line ignored)
+    drug_pcc   mean over drugs of the PCC across each drug's cell lines
+    pcc        pooled PCC
+    live dims  cell-branch output dims that vary across the shipped cell lines (std > 1e-6)
+
+    python benchmarks/probe_cell_branch.py --config configs/experiments/gdsc_converged.yaml \
+        docs/results/converged/gdsc_converged/tune/tcnn-cldr_finetune.json
+
+A trial whose checkpoint is gone (not on this machine) is listed as such. An untrained model of
+the record's base model is listed first, for the live dims at initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from cldr_dist.data.reader import open_shards
+from cldr_dist.data.storage import StorageError
+from cldr_dist.eval import metrics
+from cldr_dist.eval.predict import predict_part
+from cldr_dist.experiment.spec import load_experiment
+from cldr_dist.experiment.tune import trial_config
+from cldr_dist.models.cldr import model_for_data
+from cldr_dist.train.checkpoint import load_model_weights
+
+LIVE_STD = 1e-6
+
+
+def live_cell_dims(model, cell_features: np.ndarray) -> tuple[int, int]:
+    with torch.no_grad():
+        feats = model.eval().drp.encode_cells(torch.tensor(cell_features, dtype=torch.float32))
+    return int((feats.std(0) > LIVE_STD).sum()), int(feats.shape[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="the experiment file the records were tuned from")
+    ap.add_argument("records", nargs="+", help="RUN_DIR/tune/MODEL-STAGE.json files")
+    args = ap.parse_args()
+    spec = load_experiment(args.config, tuned=False)
+    shards = None
+    for path in args.records:
+        rec = json.loads(open(path).read())
+        cfg = trial_config(spec, rec["model"], rec["stage"])
+        shards = shards or open_shards(cfg.data.shards)
+        cells = shards.features.cell_features
+        build = lambda: model_for_data(cfg, shards.manifest["tokenizer"]["vocab_size"],  # noqa: E731
+                                       shards.features.num_cell_features)
+        torch.manual_seed(cfg.train.seed)
+        live, dims = live_cell_dims(build(), cells)
+        print(f"{rec['model']} {rec['stage']}: untrained, live cell dims {live}/{dims}")
+        for t in rec["trials"]:
+            lr = t["params"].get("train.lr", float("nan"))
+            chosen = " (chosen)" if t["checkpoint"] and t["checkpoint"] == rec["checkpoint"] else ""
+            model = build()
+            if not t["checkpoint"]:
+                print(f"  lr {lr:.2e}: no checkpoint (the trial saved none)")
+                continue
+            try:
+                load_model_weights(model, t["checkpoint"])
+            except (StorageError, FileNotFoundError):
+                print(f"  lr {lr:.2e}: checkpoint not on this machine{chosen}")
+                continue
+            pred = predict_part(cfg, shards, model, "val")
+            per_drug = metrics.per_drug_pcc(pred["y"], pred["p"], pred["drug_ids"])
+            live, dims = live_cell_dims(model, cells)
+            print(f"  lr {lr:.2e} epoch {t['best_epoch']} {rec['metric']} {t['score']}: "
+                  f"spread {metrics.within_drug_spread(pred['p'], pred['drug_ids']):.5f} "
+                  f"drug_pcc {np.mean(list(per_drug.values())):.3f} pcc {metrics.pearson(pred['y'], pred['p']):.3f} "
+                  f"live cell dims {live}/{dims}{chosen}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
