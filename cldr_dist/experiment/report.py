@@ -491,7 +491,8 @@ def budget_lines(run_dirs: list[Path]) -> list[str]:
 
 def tuning_lines(run_dirs: list[Path]) -> list[str]:
     """Every `cldr tune` trial of each base model and stage (RUN_DIR/tune/MODEL-STAGE.json): its
-    settings, epochs reached against the cap, best validation score; the chosen one in bold."""
+    settings, epochs reached against the cap, best validation score (over the epochs whose model
+    uses the cell line); the chosen one in bold."""
     records = [json.loads(p.read_text()) for d in run_dirs for p in sorted((d / "tune").glob("*.json"))]
     records.sort(key=lambda r: (r["model"], TUNED_STAGES.index(r["stage"]) if r["stage"] in TUNED_STAGES else 99))
     if not records:
@@ -506,8 +507,13 @@ def tuning_lines(run_dirs: list[Path]) -> list[str]:
             values = [f"{t['params'][k]:.3g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "-"))
                       for k in keys]
             score = "-" if t["score"] is None else f"{r['metric']} {t['score']:.5g}"
+            score = f"**{score}**" if chosen else score
+            if t.get("ignores_cell_line"):   # never chosen there: see tune.trial_summary
+                many = len(t["ignores_cell_line"]) > 1
+                score += (f" (epoch{'s' if many else ''} {', '.join(map(str, t['ignores_cell_line']))} "
+                          f"ignore{'' if many else 's'} the cell line)")
             lines.append(f"| {r['model']} | {r['stage']} | {' | '.join(values)} | {t['epochs']} ({r['max_epochs']}) | "
-                         f"{t['best_epoch'] if t['score'] is not None else '-'} | {f'**{score}**' if chosen else score} |")
+                         f"{t['best_epoch'] if t['score'] is not None else '-'} | {score} |")
     return lines
 
 

@@ -153,12 +153,14 @@ def test_few_finetune_epochs_against_the_converged_mse_only_arm(tmp_path, two_ru
 
 def test_the_report_lists_every_tuning_trial_with_the_chosen_one_marked(tmp_path, two_runs):
     """RUN_DIR/tune/MODEL-STAGE.json, as `cldr tune` writes it, becomes one table row per trial,
-    base before pretrain; a trial ASHA stopped shows the epochs it reached against the cap."""
+    base before pretrain; a trial ASHA stopped shows the epochs it reached against the cap, and one
+    whose model came to ignore the cell line says from which epochs."""
     main = two_runs[0]
     trial = {"checkpoint": "", "error": ""}
     base = {"model": "tcnn", "stage": "base", "metric": "val_mse", "max_epochs": 6, "trials": [
         {**trial, "params": {"train.lr": 4.5e-4, "train.batch_size": 4096}, "epochs": 6, "best_epoch": 5, "score": 0.0013},
-        {**trial, "params": {"train.lr": 2.2e-3, "train.batch_size": 8192}, "epochs": 2, "best_epoch": 2, "score": 0.0037}]}
+        {**trial, "params": {"train.lr": 2.2e-3, "train.batch_size": 8192}, "epochs": 2, "best_epoch": 1, "score": 0.0037,
+         "ignores_cell_line": [2]}]}
     base["chosen"] = base["trials"][0]
     pretrain = {"model": "tcnn", "stage": "pretrain", "metric": "val_zeroshot_pcc", "max_epochs": 4, "trials": [
         {**trial, "params": {"train.lr": 1e-4}, "epochs": 4, "best_epoch": 3, "score": 0.41}]}
@@ -168,5 +170,5 @@ def test_the_report_lists_every_tuning_trial_with_the_chosen_one_marked(tmp_path
     report = write_report([main], tmp_path / "out").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| tcnn | ")]
     assert rows == ["| tcnn | base | 0.00045 | 4096 | 6 (6) | 5 | **val_mse 0.0013** |",
-                    "| tcnn | base | 0.0022 | 8192 | 2 (6) | 2 | val_mse 0.0037 |",
+                    "| tcnn | base | 0.0022 | 8192 | 2 (6) | 1 | val_mse 0.0037 (epoch 2 ignores the cell line) |",
                     "| tcnn | pretrain | 0.0001 | - | 4 (4) | 3 | **val_zeroshot_pcc 0.41** |"]
