@@ -137,6 +137,14 @@ def set_rng_state(objective, rng: dict) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
+def report(metrics: dict, checkpoint=None) -> None:
+    """ray.train.report of a snapshot of `metrics`. Ray keeps the dict itself until its controller
+    polls the worker, and the loop goes on updating the live one: reported as is, an epoch's
+    report (and checkpoint) could reach Tune carrying the next epoch's scores, and lose its own."""
+    import ray.train
+    ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+
 def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: int, metrics: dict,
                     log, best_weights: dict | None = None) -> dict:
     """Writes and reports one checkpoint (weights: full_state_dict(engine), which the caller may
@@ -155,7 +163,7 @@ def save_checkpoint(engine, objective, weights: dict, state: TrainState, rank: i
             Path(d, STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         size_mb = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file()) / 2**20
         log.sync()   # rank 0's logs reach the run's storage with every checkpoint, the last one too
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     seconds = time.time() - t0
     log.line(f"checkpoint at step {state.step}: {size_mb:.1f} MiB from this rank, {seconds:.1f}s")
     return {"checkpoint_s": seconds, "checkpoint_mb": size_mb}

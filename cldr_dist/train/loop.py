@@ -23,7 +23,7 @@ from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, fits_in_mem
 from cldr_dist.eval.metrics import all_metrics, ignores_cell_line, per_drug_pcc, within_drug_spread
 from cldr_dist.models.cldr import CLDRModel, model_for_data
 from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_state_dict, load_model_weights,
-                                        model_weights, restore_checkpoint, save_checkpoint)
+                                        model_weights, report, restore_checkpoint, save_checkpoint)
 from cldr_dist.train.device import select_accelerator
 from cldr_dist.train.runlog import RunLog
 from cldr_dist.train.schedule import SELECT_METRIC, lr_at, scaled_lr, takes_selection
@@ -298,7 +298,7 @@ def train_loop_per_worker(config: dict) -> None:
                 log.line(f"epoch {state.epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} "
                          + " ".join(f"{k} {v:.4g}" for k, v in values.items()))
                 state.metrics = {"step": state.step, "epoch": state.epoch, **values, **timings}
-                ray.train.report(state.metrics)
+                report(state.metrics)
             if state.step >= total_steps or state.batch >= epoch_batches:
                 break
             if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:

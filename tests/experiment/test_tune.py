@@ -353,7 +353,7 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tiny_shards, tmp_path):
     assert "graphdrp base: interrupted; nothing recorded (a rerun with the same settings resumes" in "".join(lines)
     before = [(trial, int(epoch)) for trial, epoch in EPOCH_LINE.findall("".join(lines))]
     done_trial, cut_trial = before[0][0], before[-1][0]
-    assert [e for t, e in before if t == done_trial] == [1, 2, 3] and done_trial != cut_trial, before
+    assert [e for t, e in before if t == done_trial] == [1, 2, 3] and done_trial != cut_trial, "".join(lines)
     cut_at = max(e for t, e in before if t == cut_trial)
     assert cut_at < 3, before
     record = tmp_path / "runs" / "tiny" / "tune" / "graphdrp-base.json"

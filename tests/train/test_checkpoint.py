@@ -97,3 +97,17 @@ def test_state_without_a_config_resumes_with_nothing_to_report():
     """Checkpoints written before the config was recorded: nothing to compare, nothing refused."""
     state = TrainState(world_size=2)
     assert check_resumable(state, "ckpt", world=2, config=config_dict("train.batch_size=8")) == []
+
+
+def test_a_report_carries_the_metrics_as_they_were_when_reported(monkeypatch):
+    """Ray holds a reported dict until its controller polls the worker, while the loop updates the
+    live one at the next epoch: an epoch's report once reached Tune with the next epoch's scores."""
+    import ray.train
+
+    from cldr_dist.train.checkpoint import report
+    held = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: held.append((metrics, checkpoint)))
+    live = {"epochs_done": 1, "val_mse": 0.0036}
+    report(live, checkpoint="epoch-1")
+    live.update(epochs_done=2, val_mse=0.0037)   # the next epoch, before Ray reads the report
+    assert held == [({"epochs_done": 1, "val_mse": 0.0036}, "epoch-1")]
