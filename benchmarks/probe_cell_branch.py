@@ -69,13 +69,13 @@ def main() -> None:
                 print(f"  lr {lr:.2e}: checkpoint not on this machine{chosen}")
                 continue
             pred = predict_part(cfg, shards, model, "val")
-            per_drug = metrics.per_drug_pcc(pred["y"], pred["p"], pred["drug_ids"])
             live, dims = live_cell_dims(model, cells)
             # the checkpoint holds the trial's own best epoch by the metric alone, which may be one
             # the record set aside for ignoring the cell line
             print(f"  lr {lr:.2e} (record: {rec['metric']} {t['score']} at epoch {t['best_epoch']}), checkpoint: "
                   f"spread {metrics.within_drug_spread(pred['p'], pred['drug_ids']):.5f} "
-                  f"drug_pcc {np.mean(list(per_drug.values())):.3f} pcc {metrics.pearson(pred['y'], pred['p']):.3f} "
+                  f"drug_pcc {metrics.mean_per_drug_pcc(pred['y'], pred['p'], pred['drug_ids']):.3f} "
+                  f"pcc {metrics.pearson(pred['y'], pred['p']):.3f} "
                   f"live cell dims {live}/{dims}{chosen}", flush=True)
 
 

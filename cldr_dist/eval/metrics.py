@@ -23,8 +23,7 @@ def pearson(y, p) -> float:
     if len(y) == 0 or np.ptp(y) == 0 or np.ptp(p) == 0:
         return 0.0   # constant input: no correlation (its mean's rounding must not fake one)
     yc, pc = y - y.mean(), p - p.mean()
-    denom = np.sqrt((yc ** 2).sum() * (pc ** 2).sum())
-    return float((yc * pc).sum() / denom) if denom > 0 else 0.0   # constant input: no correlation
+    return float((yc * pc).sum() / np.sqrt((yc ** 2).sum() * (pc ** 2).sum()))
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -60,23 +59,34 @@ def all_metrics(y, p) -> dict[str, float]:
             "r2": r2(y, p), "rmse_ln_ic50": rmse(ln_ic50_from_y(y), ln_ic50_from_y(p))}
 
 
+def _drug_rows(drug_ids, min_samples: int):
+    """(drug, row indices) for each drug with at least min_samples rows."""
+    drug_ids = np.asarray(drug_ids)
+    drugs, inverse, counts = np.unique(drug_ids, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    for drug, rows in zip(drugs, np.split(order, np.cumsum(counts)[:-1])):
+        if len(rows) >= min_samples:
+            yield str(drug), rows
+
+
 def per_drug_pcc(y, p, drug_ids, min_samples: int = MIN_SAMPLES_PER_DRUG) -> dict[str, float]:
     """PCC over each drug's cell lines, for drugs with at least min_samples pairs: how well a
     model ranks cell lines for one drug, which the pooled PCC hides behind drug differences."""
-    y, p, drug_ids = np.asarray(y, float), np.asarray(p, float), np.asarray(drug_ids)
-    out = {}
-    for drug in np.unique(drug_ids):
-        mask = drug_ids == drug
-        if mask.sum() >= min_samples:
-            out[str(drug)] = pearson(y[mask], p[mask])
-    return out
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    return {drug: pearson(y[rows], p[rows]) for drug, rows in _drug_rows(drug_ids, min_samples)}
+
+
+def mean_per_drug_pcc(y, p, drug_ids) -> float | None:
+    """The mean of per_drug_pcc over drugs; None when no drug has enough pairs."""
+    per = per_drug_pcc(y, p, drug_ids)
+    return float(np.mean(list(per.values()))) if per else None
 
 
 def within_drug_spread(p, drug_ids, min_samples: int = 2) -> float | None:
     """The median over drugs of the std of a drug's predictions across its cell lines; 0 when
     a model predicts one value per drug, i.e. ignores the cell line. None: no drug has enough pairs."""
-    p, drug_ids = np.asarray(p, float), np.asarray(drug_ids)
-    spreads = [p[drug_ids == d].std() for d in np.unique(drug_ids) if (drug_ids == d).sum() >= min_samples]
+    p = np.asarray(p, float)
+    spreads = [p[rows].std() for _, rows in _drug_rows(drug_ids, min_samples)]
     return float(np.median(spreads)) if spreads else None
 
 

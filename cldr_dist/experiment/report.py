@@ -278,8 +278,8 @@ def drug_only_lines(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
 
 def mean_per_drug_pcc(r: dict) -> float | None:
     """The mean over test drugs of the PCC over each drug's cell lines (drugs with enough pairs)."""
-    per = per_drug_pcc(load_predictions(str(file_of(r, "predictions", ".npz"))))
-    return float(np.mean(list(per.values()))) if per else None
+    pred = load_predictions(str(file_of(r, "predictions", ".npz")))
+    return metrics.mean_per_drug_pcc(pred["y"], pred["p"], pred["drug_ids"])
 
 
 def per_drug_pcc(pred: dict) -> dict[str, float]:

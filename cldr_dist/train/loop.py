@@ -20,7 +20,7 @@ import torch.distributed as dist
 from cldr_dist.config import Config, TrainConfig, config_from_dict
 from cldr_dist.data import storage
 from cldr_dist.data.reader import ShardError, ShardSet, ShardStream, fits_in_memory, make_loader, open_shards
-from cldr_dist.eval.metrics import all_metrics, ignores_cell_line, per_drug_pcc, within_drug_spread
+from cldr_dist.eval.metrics import all_metrics, ignores_cell_line, mean_per_drug_pcc, within_drug_spread
 from cldr_dist.models.cldr import CLDRModel, model_for_data
 from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_state_dict, load_model_weights,
                                         model_weights, report, restore_checkpoint, save_checkpoint)
@@ -109,9 +109,9 @@ def evaluate(cfg: Config, shards: ShardSet, model: CLDRModel, part: str, rank: i
     out = {f"{part}_{k}": v for k, v in all_metrics(y, p).items()}
     out[f"{part}_samples"] = int(len(y))
     drugs = np.concatenate([g["drug_ids"] for g in gathered])
-    per_drug = per_drug_pcc(y, p, drugs)
-    if per_drug:
-        out[f"{part}_drug_pcc"] = float(np.mean(list(per_drug.values())))
+    drug_pcc = mean_per_drug_pcc(y, p, drugs)
+    if drug_pcc is not None:
+        out[f"{part}_drug_pcc"] = drug_pcc
     spread = within_drug_spread(p, drugs)
     if spread is not None:
         out[f"{part}_within_drug_std"] = spread
