@@ -70,9 +70,10 @@ def make_config(shards: str, runs: str, name: str, mode: str, drp: str, encoding
     return load_config(REPO / "configs" / "demo.yaml", overrides + list(extra))
 
 
-def measure(shards, runs, mode, drp, encoding, batch, steps, workers=1, threads=2) -> dict:
+def measure(shards, runs, mode, drp, encoding, batch, steps, workers=1, threads=2, extra=()) -> dict:
+    """extra: further config overrides."""
     name = f"{mode}-{drp}-{encoding}-{batch}-{workers}x{threads}-{time.time_ns()}"
-    cfg = make_config(shards, runs, name, mode, drp, encoding, batch, steps, workers, threads)
+    cfg = make_config(shards, runs, name, mode, drp, encoding, batch, steps, workers, threads, *extra)
     metrics, wall, la = fit(cfg)
     rates = [csv_metric(cfg, "samples_per_s", WARMUP + i) for i in range(1, steps + 1)]
     rate = steps / sum(1 / r for r in rates)

@@ -379,7 +379,8 @@ def _start_ray(spec: ExperimentSpec) -> bool:
     from cldr_dist.train.trainer import start_ray
     cfgs = [trial_config(spec, m, st) for m in spec.models for st in arm_stages(spec.arms)]
     cpus = spec.tune.concurrent * max(c.ray.num_workers * c.ray.cpus_per_worker for c in cfgs)
-    return start_ray(cfgs[0].ray.address, max(2, int(cpus) + 1), state_api=True)
+    return start_ray(cfgs[0].ray.address, max(2, int(cpus) + 1), state_api=True,
+                     worker_niceness=cfgs[0].ray.worker_niceness)
 
 
 def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: str, record_path: Path,

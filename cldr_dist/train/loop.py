@@ -245,7 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
         scaling = "" if cfg.train.lr_scaling == "none" else \
             f" ({cfg.train.lr_scaling} scaling of {cfg.train.lr:g} from {cfg.train.lr_base_batch} to {samples_per_step} samples/step)"
         log.line(f"{world} workers, ZeRO-{engine.zero_optimization_stage()}, global batch {global_batch} "
-                 f"x accum {accum}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device}; "
+                 f"x accum {accum}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device}, niceness {os.nice(0)}; "
                  f"lr {peak_lr:.3g}{scaling}, {warmup_steps} warmup steps then {cfg.train.lr_schedule}")
     zero_shot = cfg.train.mode == "pretrain"
     select_key, lower_is_better = SELECT_METRIC[cfg.train.mode]

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cldr_dist.config import Config, ConfigError, check_shared_storage
+from cldr_dist.config import Config, ConfigError, RayConfig, check_shared_storage
 from cldr_dist.data import storage
 from cldr_dist.train import console
 from cldr_dist.train.device import process_group_backend
@@ -48,8 +48,13 @@ def unreachable_state_api() -> str:
     return f"http://127.0.0.1:{free_local_port()}"
 
 
-def worker_env() -> dict[str, str]:
-    return {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **console.worker_console_env()}
+# Read by each Ray worker process at its start: the niceness it gives itself (Ray's default 15)
+NICENESS_ENV = "RAY_worker_niceness"
+
+
+def worker_env(worker_niceness: int = RayConfig.worker_niceness) -> dict[str, str]:
+    return {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **console.worker_console_env(),
+            NICENESS_ENV: str(worker_niceness)}
 
 
 def root_cause(e: Exception | str) -> str:
@@ -74,24 +79,29 @@ def _with_next(cause: str, lines: list[str], i: int) -> str:
 
 
 def ensure_ray(cfg: Config) -> None:
-    start_ray(cfg.ray.address, max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1))
+    start_ray(cfg.ray.address, max(2, int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1),
+              worker_niceness=cfg.ray.worker_niceness)
 
 
-def start_ray(address: str | None, local_cpus: int, state_api: bool = False) -> bool:
+def start_ray(address: str | None, local_cpus: int, state_api: bool = False,
+              worker_niceness: int = RayConfig.worker_niceness) -> bool:
     """Joins the cluster at `address`, or starts a local Ray instance of `local_cpus` CPUs,
     unless this process is already connected; returns whether this call connected it (so the
     caller that started Ray may shut it down). Training and `cldr predict --ray` both start here.
     state_api: a local instance gets its own dashboard and the State API points at it. Ray
     Train's placement-group cleaner then sees a controller that was killed (a Tune trial that
     ASHA stopped) and frees its workers' CPUs; without it they stay reserved until this process
-    exits."""
+    exits.
+    worker_niceness: of every worker process this session starts (config.RayConfig)."""
     import ray
     if ray.is_initialized():
         return False
     # Inside a Ray Job the job's runtime_env already reaches the workers, and Ray refuses to
-    # merge a driver env var the job also sets.
+    # merge a driver env var the job also sets. The niceness never conflicts: Ray's job
+    # supervisor removes it from the job's env before it starts the driver.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    runtime_env = None if in_job else {"env_vars": worker_env()}
+    env_vars = {NICENESS_ENV: str(worker_niceness)} if in_job else worker_env(worker_niceness)
+    runtime_env = {"env_vars": env_vars}
     console.before_init()
     # logging_level: the driver's Ray INFO lines ("Started a local Ray instance") are not events of the run
     if address:

@@ -65,13 +65,16 @@ def test_pretrain_as_ray_job_checkpoints_to_s3(s3_bucket):
              "python", "-m", "cldr_dist.cli", "pretrain", "--config", "configs/demo.yaml", "ray.address=auto",
              f"data.shards={shards}", f"ray.storage_path={s3_bucket}/runs", "ray.name=jobtest",
              "train.epochs=1", "train.max_steps=2", "train.batch_size=16", "train.log_every=1",
-             "train.zeroshot_samples=64", "ray.num_workers=2", "ray.cpus_per_worker=1"],
+             "train.zeroshot_samples=64", "ray.num_workers=2", "ray.cpus_per_worker=1",
+             "ray.worker_niceness=3"],
             cwd=REPO, env=head.client_env, capture_output=True, text=True, timeout=540)
         logs = submit.stdout + submit.stderr
         status = _ray(head, "job", "status", "--address", head.address, job_id)
         said = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
         assert submit.returncode == 0 and f"Job '{job_id}' succeeded" in said, said + logs[-6000:]
         assert re.search(r"\[pretrain\] epoch 1/1 step 2/2", logs), logs[-6000:]
+        # Ray's job supervisor drops the niceness from the job's env; the trainer sets it again
+        assert re.search(r"\[pretrain\] 2 workers, .*, niceness 3;", logs), logs[-6000:]
     finally:
         head.stop()
     assert not head.pids(), "head processes left running"

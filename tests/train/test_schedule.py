@@ -51,7 +51,8 @@ def test_is_better_respects_the_metric_direction():
     ("train.lr_schedule=step", "train.lr_schedule"), ("train.lr_scaling=quadratic", "train.lr_scaling"),
     ("train.warmup_epochs=-1", "train.warmup_epochs"), ("train.min_lr_ratio=2", "train.min_lr_ratio"),
     ("train.patience=-1", "train.patience"), ("train.lr_base_batch=0", "train.lr_base_batch"),
-    ("train.encoding=pairs", "train.encoding"), ("data.memory_budget_mb=-1", "data.memory_budget_mb")])
+    ("train.encoding=pairs", "train.encoding"), ("data.memory_budget_mb=-1", "data.memory_budget_mb"),
+    ("ray.worker_niceness=-1", "ray.worker_niceness"), ("ray.worker_niceness=20", "ray.worker_niceness")])
 def test_bad_training_settings_name_their_key(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, [override])
