@@ -1,5 +1,5 @@
-"""Does a trained model still use the cell line? For each trial of `cldr tune` records (or any
-checkpoint directory), on the tune split's validation part:
+"""Does a trained model still use the cell line? For each trial of `cldr tune` records, on the
+tune split's validation part:
 
     spread     median over drugs of the std of the predictions across the drug's cell lines
                (0: one prediction per drug, the cell line ignored)
@@ -12,15 +12,22 @@ checkpoint directory), on the tune split's validation part:
 
 A trial whose checkpoint is gone (not on this machine) is listed as such. An untrained model of
 the record's base model is listed first, for the live dims at initialisation.
+
+--runs: the live dims alone of training runs (Ray Train run directories, their latest checkpoint,
+the model its config names), e.g. every drug-blind arm of the experiment:
+
+    python benchmarks/probe_cell_branch.py --runs runs/experiments/gdsc_converged/ray/*drug_blind*
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from cldr_dist.config import config_from_dict
 from cldr_dist.data.reader import open_shards
 from cldr_dist.data.storage import StorageError
 from cldr_dist.eval import metrics
@@ -28,7 +35,7 @@ from cldr_dist.eval.predict import predict_part
 from cldr_dist.experiment.spec import load_experiment
 from cldr_dist.experiment.tune import trial_config
 from cldr_dist.models.cldr import model_for_data
-from cldr_dist.train.checkpoint import load_model_weights
+from cldr_dist.train.checkpoint import STATE_FILE, load_model_weights
 
 LIVE_STD = 1e-6
 
@@ -39,11 +46,41 @@ def live_cell_dims(model, cell_features: np.ndarray) -> tuple[int, int]:
     return int((feats.std(0) > LIVE_STD).sum()), int(feats.shape[1])
 
 
+def probe_runs(run_dirs: list[str]) -> None:
+    """Live cell dims of each run's latest checkpoint, beside an untrained model of its base model."""
+    untrained: dict[str, str] = {}
+    for run in sorted(run_dirs):
+        checkpoints = sorted(Path(run).glob("checkpoint_*/" + STATE_FILE))
+        if not checkpoints:
+            print(f"{Path(run).name}: no checkpoint")
+            continue
+        cfg = config_from_dict(json.loads(checkpoints[-1].read_text())["config"])
+        shards = open_shards(cfg.data.shards)
+
+        def build():
+            return model_for_data(cfg, shards.manifest["tokenizer"]["vocab_size"], shards.features.num_cell_features)
+        if cfg.model.drp not in untrained:
+            torch.manual_seed(cfg.train.seed)
+            untrained[cfg.model.drp] = "%d/%d" % live_cell_dims(build(), shards.features.cell_features)
+            print(f"{cfg.model.drp} untrained: live cell dims {untrained[cfg.model.drp]}")
+        model = build()
+        load_model_weights(model, str(checkpoints[-1].parent))
+        print(f"{Path(run).name}: live cell dims %d/%d" % live_cell_dims(model, shards.features.cell_features),
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="the experiment file the records were tuned from")
-    ap.add_argument("records", nargs="+", help="RUN_DIR/tune/MODEL-STAGE.json files")
+    ap.add_argument("--config", help="the experiment file the records were tuned from")
+    ap.add_argument("records", nargs="*", help="RUN_DIR/tune/MODEL-STAGE.json files")
+    ap.add_argument("--runs", nargs="+", default=[], help="Ray Train run directories (live dims only)")
     args = ap.parse_args()
+    if args.runs:
+        probe_runs(args.runs)
+    if not args.records:
+        return
+    if not args.config:
+        ap.error("records need --config, the experiment file they were tuned from")
     spec = load_experiment(args.config, tuned=False)
     shards = None
     for path in args.records:
