@@ -351,14 +351,18 @@ def fig_curves(run_dirs: dict[Path, str], dest: Path) -> str | None:
             ax_fine.plot(*series["mse"], lw=0.8, label=name)
             if "val_pcc" in series:
                 ax_val.plot(*series["val_pcc"], "o-", ms=3, lw=0.8, label=name)
-    for ax, title in ((ax_pre, "pretraining loss (CLIP + TransE)"), (ax_fine, "finetuning MSE (train)"),
-                      (ax_val, "validation PCC (end of epoch)")):
+    # an empty panel says why: step losses are logged every train.log_every steps, so a run of
+    # fewer steps (a drug-blind pretrain epoch of 19) has none; validation comes at epoch ends
+    no_steps = "no step logged: no such run, or runs shorter than train.log_every steps"
+    for ax, title, empty in ((ax_pre, "pretraining loss (CLIP + TransE)", no_steps),
+                             (ax_fine, "finetuning MSE (train)", no_steps),
+                             (ax_val, "validation PCC (end of epoch)", "no epoch ended")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         if ax.lines:
             ax.legend(fontsize=5)
-        else:  # e.g. runs capped by train.max_steps before an epoch ended
-            ax.text(0.5, 0.5, "no epoch ended", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=8, wrap=True, transform=ax.transAxes)
     return _save(fig, dest, "training_curves.png")
 
 
