@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cldr_dist.config import config_from_dict
-from cldr_dist.data.reader import open_shards
+from cldr_dist.data.reader import ShardSet, open_shards
 from cldr_dist.data.storage import StorageError
 from cldr_dist.eval import metrics
 from cldr_dist.eval.predict import predict_part
@@ -48,21 +48,24 @@ def live_cell_dims(model, cell_features: np.ndarray) -> tuple[int, int]:
 
 def probe_runs(run_dirs: list[str]) -> None:
     """Live cell dims of each run's latest checkpoint, beside an untrained model of its base model."""
-    untrained: dict[str, str] = {}
+    shard_sets: dict[str, ShardSet] = {}   # the runs of one experiment share their shards: read once
+    untrained: set[str] = set()
     for run in sorted(run_dirs):
         checkpoints = sorted(Path(run).glob("checkpoint_*/" + STATE_FILE))
         if not checkpoints:
             print(f"{Path(run).name}: no checkpoint")
             continue
         cfg = config_from_dict(json.loads(checkpoints[-1].read_text())["config"])
-        shards = open_shards(cfg.data.shards)
+        if cfg.data.shards not in shard_sets:
+            shard_sets[cfg.data.shards] = open_shards(cfg.data.shards)
+        shards = shard_sets[cfg.data.shards]
 
         def build():
             return model_for_data(cfg, shards.manifest["tokenizer"]["vocab_size"], shards.features.num_cell_features)
         if cfg.model.drp not in untrained:
+            untrained.add(cfg.model.drp)
             torch.manual_seed(cfg.train.seed)
-            untrained[cfg.model.drp] = "%d/%d" % live_cell_dims(build(), shards.features.cell_features)
-            print(f"{cfg.model.drp} untrained: live cell dims {untrained[cfg.model.drp]}")
+            print(f"{cfg.model.drp} untrained: live cell dims %d/%d" % live_cell_dims(build(), shards.features.cell_features))
         model = build()
         load_model_weights(model, str(checkpoints[-1].parent))
         print(f"{Path(run).name}: live cell dims %d/%d" % live_cell_dims(model, shards.features.cell_features),

@@ -132,7 +132,7 @@ class RayConfig:
     # The niceness of the processes the run starts on Ray (training workers, their loader workers,
     # Tune's trials). 15 is Ray's own default, so that its daemons win the CPU. On a node where
     # other nice-0 work competes for the CPUs, a CPU-bound trainer at 15 yields to all of it; 0
-    # gives the trainer a fair share: 1.27x the samples/s beside one busy process, the same when
+    # gives the trainer a fair share: 1.35x the samples/s beside one busy process (medians), the same when
     # the node is otherwise idle (docs/benchmarks_niceness.md).
     worker_niceness: int = 15
 
