@@ -223,7 +223,7 @@ def load_experiment(path: str | Path, overrides: list[str] = (), tuned: bool = T
                               f"{'|'.join(STAGES)}.SECTION.KEY")
     if spec.tuned and tuned:
         spec.tuned_settings = read_tuned(spec.tuned)
-        missing = [f"{m}.{st}" for m in spec.models for st in arm_stages(spec.arms)
+        missing = [f"{m}.{st}" for m in spec.models for st in arm_stages(spec.arms, spec.variants)
                    if st not in spec.tuned_settings.get(m, {})]
         if missing:   # one arm tuned and the other not would not be a fair comparison
             raise ConfigError(f"experiment.tuned: {spec.tuned} has no tuned settings for {', '.join(missing)}; "
@@ -233,10 +233,11 @@ def load_experiment(path: str | Path, overrides: list[str] = (), tuned: bool = T
     return spec
 
 
-def arm_stages(arms: list[str]) -> list[str]:
+def arm_stages(arms: list[str], variants: dict | None = None) -> list[str]:
     """The tuned stages the experiment's arms train: base for the MSE-only arm, pretrain and
-    cldr_finetune for CLDR (variants reuse CLDR's tuned settings)."""
-    return [s for s in TUNED_STAGES if ("base" if s == "base" else "cldr") in arms]
+    cldr_finetune for CLDR and for its variants (they reuse CLDR's tuned settings)."""
+    trained = {*arms, *(["cldr"] if variants else [])}
+    return [s for s in TUNED_STAGES if ("base" if s == "base" else "cldr") in trained]
 
 
 def tuned_path(spec: ExperimentSpec, config_path: str | Path) -> Path:

@@ -334,7 +334,7 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     records, started = [], False
     try:
         for model in spec.models:
-            for stage in arm_stages(spec.arms):
+            for stage in arm_stages(spec.arms, spec.variants):
                 record_path = spec.run_dir / "tune" / f"{model}-{stage}.json"
                 # CLDR's finetune starts from the pretrain stage tuned just before it
                 init_from = records[-1]["checkpoint"] if stage == "cldr_finetune" else ""
@@ -377,7 +377,7 @@ def check_unchanged(spec: ExperimentSpec, record: dict, init_from: str, path: Pa
 def _start_ray(spec: ExperimentSpec) -> bool:
     """A local instance large enough for tune.concurrent trials of the largest stage."""
     from cldr_dist.train.trainer import start_ray
-    cfgs = [trial_config(spec, m, st) for m in spec.models for st in arm_stages(spec.arms)]
+    cfgs = [trial_config(spec, m, st) for m in spec.models for st in arm_stages(spec.arms, spec.variants)]
     cpus = spec.tune.concurrent * max(c.ray.num_workers * c.ray.cpus_per_worker for c in cfgs)
     return start_ray(cfgs[0].ray.address, max(2, int(cpus) + 1), state_api=True,
                      worker_niceness=cfgs[0].ray.worker_niceness)

@@ -205,6 +205,8 @@ TINY_TUNE = ["tune.max_epochs=2", "tune.trials=2", "tune.concurrent=2", "common.
 def test_the_stages_tuned_are_those_of_the_arms():
     assert arm_stages(["base", "cldr"]) == ["base", "pretrain", "cldr_finetune"]
     assert arm_stages(["cldr"]) == ["pretrain", "cldr_finetune"] and arm_stages(["base"]) == ["base"]
+    # an experiment of variants alone (compared with another experiment's plain CLDR arms) trains CLDR's stages
+    assert arm_stages([], {"kg_all": {}}) == ["pretrain", "cldr_finetune"]
 
 
 def test_a_tiny_tune_end_to_end(s3_server, tiny_shards, tmp_path, capsys):
