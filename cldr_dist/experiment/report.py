@@ -61,6 +61,21 @@ def load_results(run_dir: Path, experiment: str = "") -> list[dict]:
             for f in files]
 
 
+def without_repeated_baselines(results: list[dict]) -> list[dict]:
+    """Drops a later run directory's classical arm that an earlier one already holds: the report's
+    run directories read the same shards (checked), so the same baseline on the same split and
+    seed is the same fit, and a second row would only repeat it."""
+    seen, kept = set(), []
+    for r in results:
+        if r["kind"] == "classical":
+            key = (r["split"], r["arm"], r["seed"])
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(r)
+    return kept
+
+
 def row_label(r: dict) -> str:
     tag = f" [{r['experiment']}]" if r.get("experiment") else ""
     if r["kind"] == "classical":
@@ -555,10 +570,17 @@ def variant_lines(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
             pcc, ref_pcc = mean_metric(pair, label, "pcc"), mean_metric(pair, ref, "pcc")
             zs = [mean_std([x.get("zeroshot_pcc") for x in pair[lbl]])[0] for lbl in (label, ref)]
             order = [order_score_of(pair[lbl][0]) for lbl in (label, ref)]
-            lines.append(f"- {split}, {label} vs {ref}, seed{'s' if len(seeds) > 1 else ''} "
-                         f"{', '.join(map(str, sorted(seeds)))}: test PCC {pcc:.4f} vs {ref_pcc:.4f} "
-                         f"({(pcc - ref_pcc) / abs(ref_pcc) * 100:+.1f}%), zero-shot PCC {zs[0]:.4f} vs {zs[1]:.4f}, "
-                         f"number-text order score {order[0]:.3f} vs {order[1]:.3f}")
+            line = (f"- {split}, {label} vs {ref}, seed{'s' if len(seeds) > 1 else ''} "
+                    f"{', '.join(map(str, sorted(seeds)))}: test PCC {pcc:.4f} vs {ref_pcc:.4f} "
+                    f"({(pcc - ref_pcc) / abs(ref_pcc) * 100:+.1f}%), zero-shot PCC {zs[0]:.4f} vs {zs[1]:.4f}, "
+                    f"number-text order score {order[0]:.3f} vs {order[1]:.3f}")
+            by_seed = {x["seed"]: x["metrics"]["pcc"] for x in pair[ref]}
+            paired = paired_difference([x["metrics"]["pcc"] - by_seed[x["seed"]] for x in rs if x["seed"] in by_seed])
+            if paired["ci95"]:
+                lo, hi = paired["ci95"]
+                line += (f"; paired test PCC difference {paired['mean']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]: "
+                         + ("shown" if lo > 0 or hi < 0 else "interval includes zero: NOT shown"))
+            lines.append(line)
     return lines
 
 
@@ -581,7 +603,7 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
         raise ReportError(f"the run directories read different shards ({', '.join(sorted(shards))}); "
                           f"one report compares arms on the same data")
     tags = {d: (name if i else "") for i, (d, name) in enumerate(zip(run_dirs, names))}
-    results = [r for d in run_dirs for r in load_results(d, tags[d])]
+    results = without_repeated_baselines([r for d in run_dirs for r in load_results(d, tags[d])])
     groups = grouped(results)
     lines = [f"# Experiment {' + '.join(names)}", ""]
     for meta, run_dir in zip(metas, run_dirs):

@@ -15,14 +15,15 @@ N_TEST = 240
 DRUGS = np.array([f"drug{i % 4}" for i in range(N_TEST)])
 
 
-def add_arm(run_dir, key, *, arm, model="tcnn", variant="", noise=0.1, zeroshot=None, number_texts=None, seed=0):
+def add_arm(run_dir, key, *, arm, model="tcnn", variant="", noise=0.1, zeroshot=None, number_texts=None, seed=0,
+            run_seed=171):
     rng = np.random.default_rng(seed)
     y = rng.uniform(0.2, 0.9, N_TEST)
     p = y + noise * rng.standard_normal(N_TEST)
     save_predictions(str(run_dir / "predictions" / f"{key}.npz"),
                      {"y": y, "p": p, "drug_ids": DRUGS, "cell_ids": np.array([f"c{i}" for i in range(N_TEST)])})
     result = {"metrics": all_metrics(y, p), "kind": "deep", "arm": arm, "model": model, "split": "drug_blind",
-              "seed": 171, "variant": variant, "wall_s": 60.0}
+              "seed": run_seed, "variant": variant, "wall_s": 60.0}
     if zeroshot is not None:
         result["zeroshot_pcc"] = zeroshot
     write_json(run_dir / "results" / f"{key}.json", result)
@@ -72,6 +73,38 @@ def test_several_run_directories_make_one_report_with_tagged_rows(tmp_path, two_
     # the claim compares the main experiment's own arms only
     assert f"Drug-blind, tcnn: CLDR PCC {pccs['cldr']:.4f} vs MSE-only {pccs['base']:.4f}" in report
     assert (tmp_path / "out" / "figures" / "per_drug_pcc_drug_blind.png").stat().st_size > 10_000
+
+
+def test_a_classical_baseline_both_experiments_ran_is_one_row(tmp_path, two_runs):
+    main, extra, pccs, _ = two_runs
+    y, p = np.linspace(0.2, 0.9, N_TEST), np.full(N_TEST, 0.5)
+    train_mean = {"metrics": all_metrics(y, p), "kind": "classical", "arm": "train_mean", "model": "",
+                  "split": "drug_blind", "seed": 171, "wall_s": 1.0}
+    for run_dir in (main, extra):
+        key = "drug_blind-classical-train_mean-s171"
+        save_predictions(str(run_dir / "predictions" / f"{key}.npz"),
+                         {"y": y, "p": p, "drug_ids": DRUGS, "cell_ids": np.array([f"c{i}" for i in range(N_TEST)])})
+        write_json(run_dir / "results" / f"{key}.json", train_mean)
+    report = write_report([main, extra], tmp_path / "out").read_text()
+    assert "| classical: train_mean | 1 |" in report
+    assert "classical: train_mean [extra]" not in report
+    # deep arms of the later experiment keep their own rows
+    assert f"| tcnn (MSE only) [extra] | 1 | {pccs['base_extra']:.4f}" in report
+
+
+def test_a_variant_over_several_seeds_gets_a_paired_interval(tmp_path):
+    main, extra = new_run_dir(tmp_path, "main"), new_run_dir(tmp_path, "extra")
+    diffs = []
+    for i, run_seed in enumerate((171, 172, 173)):
+        plain = add_arm(main, f"drug_blind-tcnn-cldr-s{run_seed}", arm="cldr", noise=0.3, seed=10 + i, run_seed=run_seed)
+        kg = add_arm(extra, f"drug_blind-tcnn-cldr-kg_all-s{run_seed}", arm="cldr-kg_all", variant="kg_all",
+                     noise=0.1, seed=20 + i, run_seed=run_seed)
+        diffs.append(kg - plain)
+    report = write_report([main, extra], tmp_path / "out").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("- drug_blind, tcnn (cldr-kg_all) [extra] vs tcnn (cldr)"))
+    assert "seeds 171, 172, 173" in line
+    assert f"paired test PCC difference {np.mean(diffs):+.4f}, 95% interval [" in line
+    assert line.endswith(": shown")  # noise 0.1 against 0.3 on every seed
 
 
 def test_report_refuses_two_run_directories_of_one_name(tmp_path, two_runs):
