@@ -10,8 +10,9 @@ predictions and metrics land in the run directory.
     RUN_DIR/number_texts/{arm}.npy   the pretrained number-tower features of the 1000 number texts
     RUN_DIR/ray/                     Ray Train's checkpoints, unless common.ray.storage_path is set
 
-Resuming is rerunning: finished arms and stages are skipped, and an interrupted training run
-resumes from its latest checkpoint (same ray.name and storage path).
+Resuming is rerunning: finished arms and stages are skipped (a stage whose checkpoint is gone
+trains again), and an interrupted training run resumes from its latest checkpoint (same ray.name
+and storage path).
 """
 from __future__ import annotations
 
@@ -136,12 +137,25 @@ def checkpoint_url(path: str, cfg: Config) -> str:
     return path
 
 
+def finished_record(record_path: Path, log) -> dict | None:
+    """A stage's record if its checkpoint is still there. The records travel with the committed
+    results, local checkpoints do not: on a fresh clone an unfinished arm's pretrain record points
+    at nothing, and its finetune could not start from it, so the stage trains again."""
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if storage.exists(record["checkpoint"]):
+        return record
+    log(f"    {record['mode']}: checkpoint {record['checkpoint']} is gone; training this stage again")
+    return None
+
+
 def run_stage(spec: ExperimentSpec, cfg: Config, run: str, log) -> dict:
     """One training run (pretrain or finetune), or its record if it finished earlier."""
     from cldr_dist.train import trainer
     record_path = spec.run_dir / "stages" / f"{run}.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
+    if (record := finished_record(record_path, log)) is not None:
+        return record
     cfg.ray.name = f"{spec.name}-{run}"
     cfg.ray.storage_path = storage_path(spec)
     log(f"    {cfg.train.mode}: ray run {cfg.ray.name}")

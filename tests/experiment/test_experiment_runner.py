@@ -151,3 +151,20 @@ def test_a_run_directory_from_before_tuning_still_resumes(spec):
         recorded["spec"].pop(key)
     path.write_text(json.dumps(recorded))
     pin_spec(spec)
+
+
+def test_a_stage_whose_checkpoint_is_gone_trains_again(tmp_path):
+    """A fresh clone holds an unfinished arm's pretrain record, not the local checkpoint it names:
+    the finetune cannot start from it, so the stage counts as not finished."""
+    from cldr_dist.experiment.runner import finished_record
+    checkpoint = tmp_path / "ray" / "checkpoint_0"
+    checkpoint.mkdir(parents=True)
+    record_path = tmp_path / "stages" / "mixed-tcnn-cldr-s171-pretrain.json"
+    record_path.parent.mkdir()
+    record_path.write_text(json.dumps({"mode": "pretrain", "checkpoint": str(checkpoint), "metrics": {}}))
+    logs = []
+    assert finished_record(record_path, logs.append)["checkpoint"] == str(checkpoint)
+    assert finished_record(tmp_path / "stages" / "absent.json", logs.append) is None
+    checkpoint.rmdir()
+    assert finished_record(record_path, logs.append) is None
+    assert logs == [f"    pretrain: checkpoint {checkpoint} is gone; training this stage again"]
