@@ -343,6 +343,8 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
                     check_unchanged(spec, record, init_from, record_path)
                     log(f"{model} {stage}: tuned earlier ({record['metric']} {record['chosen']['score']:.5g})")
                 else:
+                    if stage == "cldr_finetune":
+                        require_pretrained(spec, model, init_from)
                     if not started:
                         started = _start_ray(spec)
                     record = _tune_and_record(spec, model, stage, init_from, record_path, log)
@@ -374,6 +376,19 @@ def check_unchanged(spec: ExperimentSpec, record: dict, init_from: str, path: Pa
                           f"another pretrained model); remove it to tune {record['model']} {record['stage']} again")
 
 
+def require_pretrained(spec: ExperimentSpec, model: str, init_from: str) -> None:
+    """CLDR's finetune search starts from the pretrain search's chosen checkpoint. The pretrain
+    record is committed and the checkpoint is not, so on another machine the record can outlive
+    it: that search must run again first (its result, and so this search's start, will differ)."""
+    record = spec.run_dir / "tune" / f"{model}-pretrain.json"
+    if not init_from:
+        raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
+    if not storage.exists(init_from):
+        raise TuneError(f"{model} cldr_finetune: the pretrain search's chosen checkpoint {init_from} is gone "
+                        f"(checkpoints stay on the machine that trained them); remove {record} to tune "
+                        f"{model} pretrain again, then cldr_finetune starts from its new choice")
+
+
 def _start_ray(spec: ExperimentSpec) -> bool:
     """A local instance large enough for tune.concurrent trials of the largest stage."""
     from cldr_dist.train.trainer import start_ray
@@ -385,8 +400,6 @@ def _start_ray(spec: ExperimentSpec) -> bool:
 
 def _tune_and_record(spec: ExperimentSpec, model: str, stage: str, init_from: str, record_path: Path,
                      log) -> dict:
-    if stage == "cldr_finetune" and not init_from:
-        raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
     log(f"{model} {stage}: {spec.tune.trials} trials, at most {spec.tune.epochs(stage)} epochs each, "
         f"on {spec.tune.split} validation")
     try:

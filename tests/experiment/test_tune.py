@@ -194,6 +194,28 @@ def test_select_last_refuses_early_stopping(tmp_path, capsys):
     assert "early stopping needs train.select=best_val" in capsys.readouterr().err
 
 
+def test_a_finetune_search_whose_pretrained_start_is_gone_is_one_error(tmp_path, capsys):
+    """On a fresh clone the committed pretrain record outlives its checkpoint: tuning CLDR's
+    finetune then stops before Ray starts, naming the record to remove."""
+    from cldr_dist.experiment.tune import search_digest
+    config = REPO / "configs" / "experiments" / "tiny.yaml"
+    overrides = [f"experiment.out={tmp_path / 'runs'}", f"tune.out={tmp_path / 'tuned.yaml'}", "experiment.arms=[cldr]"]
+    spec = load_experiment(config, overrides, tuned=False)
+    gone = tmp_path / "ray" / "trial" / "checkpoint_000001"
+    record = {"model": "graphdrp", "stage": "pretrain", "metric": "val_zeroshot_pcc", "lower_is_better": False,
+              "chosen": {"score": 0.3, "params": {"train.lr": 1e-4}}, "settings": {"train": {"lr": 1e-4}},
+              "best_epoch": 1, "max_epochs": 2, "trials": [{}], "split": "mixed", "checkpoint": str(gone),
+              "digest": search_digest(spec, "graphdrp", "pretrain", "")}
+    path = tmp_path / "runs" / "tiny" / "tune" / "graphdrp-pretrain.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["tune", "--config", str(config), *overrides])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and f"checkpoint {gone} is gone" in err and f"remove {path} to tune graphdrp pretrain again" in err
+    assert "Traceback" not in err and not (path.parent / "graphdrp-cldr_finetune.json").exists()
+
+
 # two trials at once (Ray 3 CPUs: one worker each) and short epochs: the search's own machinery is
 # what is under test, not the settings it finds
 TINY_TUNE = ["tune.max_epochs=2", "tune.trials=2", "tune.concurrent=2", "common.train.zeroshot_samples=32",
