@@ -326,6 +326,11 @@ def write_tuned(path: Path, records: list[dict], command: str) -> None:
     storage.write_bytes(str(path), (header + yaml.safe_dump(tuned, sort_keys=False)).encode())
 
 
+def tune_record_path(spec: ExperimentSpec, model: str, stage: str) -> Path:
+    """Where a stage's search is recorded (every trial, and the chosen one)."""
+    return spec.run_dir / "tune" / f"{model}-{stage}.json"
+
+
 def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     """Tunes every base model's stages in order (cldr_finetune starts from the chosen
     pretrained model); returns the tuned-settings file."""
@@ -335,7 +340,7 @@ def run_tune(spec: ExperimentSpec, config_path: str | Path, log=print) -> Path:
     try:
         for model in spec.models:
             for stage in arm_stages(spec.arms, spec.variants):
-                record_path = spec.run_dir / "tune" / f"{model}-{stage}.json"
+                record_path = tune_record_path(spec, model, stage)
                 # CLDR's finetune starts from the pretrain stage tuned just before it
                 init_from = records[-1]["checkpoint"] if stage == "cldr_finetune" else ""
                 if record_path.is_file():
@@ -380,7 +385,7 @@ def require_pretrained(spec: ExperimentSpec, model: str, init_from: str) -> None
     """CLDR's finetune search starts from the pretrain search's chosen checkpoint. The pretrain
     record is committed and the checkpoint is not, so on another machine the record can outlive
     it: that search must run again first (its result, and so this search's start, will differ)."""
-    record = spec.run_dir / "tune" / f"{model}-pretrain.json"
+    record = tune_record_path(spec, model, "pretrain")
     if not init_from:
         raise TuneError(f"{model} pretrain: the chosen trial left no checkpoint for CLDR's finetune to start from")
     if not storage.exists(init_from):
