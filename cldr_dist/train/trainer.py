@@ -9,6 +9,8 @@ import copy
 import logging
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -189,4 +191,39 @@ def run(cfg: Config, callbacks: list | None = None):
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
     )
-    return trainer.fit()
+    return fit(trainer)
+
+
+def fit(trainer):
+    """trainer.fit(), raising KeyboardInterrupt where Ctrl+C aborted the run. Ray Train's own
+    SIGINT handler aborts the run, then ends it with SystemExit (status 0 or 1, depending on where
+    the signal caught the driver), so an interrupted `cldr pretrain` or `cldr experiment` would
+    exit silently. That handler also stays installed after fit(), where a later Ctrl+C (the next
+    stage's data loading) would abort a run long gone, so the handler fit() found is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()    # Ray installs no handler off the main thread (Tune's trials)
+    saved_handler = signal.getsignal(signal.SIGINT)
+    # Python writes each signal it catches to the wakeup fd, whichever handler then runs: the one
+    # way to tell afterwards that a SystemExit out of fit() was Ctrl+C and not Ray's own exit
+    seen, wakeup = os.pipe()
+    os.set_blocking(seen, False)
+    os.set_blocking(wakeup, False)
+    saved_wakeup = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+    try:
+        return trainer.fit()
+    except SystemExit:
+        if signal.SIGINT not in signals_received(seen):
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        signal.set_wakeup_fd(saved_wakeup)
+        signal.signal(signal.SIGINT, saved_handler)
+        os.close(seen)
+        os.close(wakeup)
+
+
+def signals_received(wakeup_reader: int) -> set[int]:
+    try:
+        return set(os.read(wakeup_reader, 4096))
+    except BlockingIOError:
+        return set()
