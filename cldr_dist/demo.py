@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     except (ShardError, ConfigError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"demo: interrupted during {cfg.train.mode} run {cfg.ray.name}", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - a run failed: the worker's own error, in one line
         print(f"demo: {cfg.train.mode} run {cfg.ray.name} failed: {trainer.root_cause(e)}; "
               f"logs under {trainer.log_dir(cfg)}", file=sys.stderr)
