@@ -30,7 +30,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from cldr_dist.experiment.report import ReportError
     from cldr_dist.inference.bundle import BundleError
     from cldr_dist.train.commands import TrainingFailed
-    return ConfigError, DataError, ShardError, storage.StorageError, ReportError, TrainingFailed, BundleError
+    from cldr_dist.train.runlog import MetricsCSVError
+    return (ConfigError, DataError, ShardError, storage.StorageError, ReportError, TrainingFailed, BundleError,
+            MetricsCSVError)
 
 
 def cmd_experiment(args) -> None:

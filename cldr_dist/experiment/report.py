@@ -9,7 +9,6 @@ variant or a control run separately sits in the same tables as the arms it is co
 """
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from cldr_dist.eval.metrics import spearman
 from cldr_dist.eval.predict import load_predictions
 from cldr_dist.experiment.runner import write_json
 from cldr_dist.experiment.spec import TUNED_STAGES
-from cldr_dist.train.runlog import epoch_values
+from cldr_dist.train.runlog import epoch_values, metric_rows
 
 METRICS = ("pcc", "scc", "rmse", "mse", "r2", "rmse_ln_ic50")
 PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
@@ -342,11 +341,10 @@ def fig_pred_vs_true(dest: Path, rows: dict[str, list[dict]], split: str) -> str
 
 def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            steps, values = series[row["name"]]
-            steps.append(int(row["step"]))
-            values.append(float(row["value"]))
+    for row in metric_rows(path.read_text(), str(path)):
+        steps, values = series[row["name"]]
+        steps.append(int(row["step"]))
+        values.append(float(row["value"]))
     return series
 
 
@@ -429,7 +427,7 @@ def fig_per_drug(dest: Path, rows: dict[str, list[dict]]) -> str | None:
 def val_pcc_by_epoch(r: dict) -> dict[int, float]:
     """The finetune's validation PCC after each epoch, from the arm's training log."""
     path = Path(r["run_dir"]) / "curves" / f"{r['key']}-finetune.csv"
-    return epoch_values(path.read_text(), "val_pcc") if path.is_file() else {}
+    return epoch_values(path.read_text(), "val_pcc", str(path)) if path.is_file() else {}
 
 
 def few_epochs(groups: dict[str, dict[str, list[dict]]], dest: Path) -> tuple[list[str], str | None]:

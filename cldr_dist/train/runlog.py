@@ -19,11 +19,29 @@ from pathlib import Path
 from cldr_dist.data import storage
 
 
-def epoch_values(metrics_csv: str, name: str) -> dict[int, float]:
+CSV_HEADER = ["time", "epoch", "step", "name", "value"]
+
+
+class MetricsCSVError(ValueError):
+    """A metrics CSV that does not start with RunLog's header."""
+
+
+def metric_rows(metrics_csv: str, source: str = "metrics CSV") -> list[dict[str, str]]:
+    """The rows of a RunLog CSV (none for an empty one). A CSV without the header is one error
+    naming `source`: read as data, its first row would be taken for the column names."""
+    reader = csv.DictReader(io.StringIO(metrics_csv))
+    if reader.fieldnames is None:
+        return []
+    if reader.fieldnames != CSV_HEADER:
+        raise MetricsCSVError(f"{source}: not a metrics CSV: its first line is {','.join(reader.fieldnames)!r}, "
+                              f"not the header {','.join(CSV_HEADER)!r}")
+    return list(reader)
+
+
+def epoch_values(metrics_csv: str, name: str, source: str = "metrics CSV") -> dict[int, float]:
     """{epoch: value} of one metric in a RunLog CSV. A resumed run appends to its CSV, so an
     epoch logged twice (resumed from a checkpoint older than its last line) counts at its last entry."""
-    return {int(row["epoch"]): float(row["value"])
-            for row in csv.DictReader(io.StringIO(metrics_csv)) if row["name"] == name}
+    return {int(row["epoch"]): float(row["value"]) for row in metric_rows(metrics_csv, source) if row["name"] == name}
 
 
 class RunLog:
@@ -43,11 +61,14 @@ class RunLog:
                 self.local = Path(log_dir)
                 self.local.mkdir(parents=True, exist_ok=True)
             path = self.local / name
-            new = not path.exists()
+            # an empty file is a run killed before its header reached the disk: its resume must
+            # not append rows to it headerless
+            new = not path.exists() or path.stat().st_size == 0
             self.csv_file = open(path, "a", newline="")
             self.csv = csv.writer(self.csv_file)
             if new:
-                self.csv.writerow(["time", "epoch", "step", "name", "value"])
+                self.csv.writerow(CSV_HEADER)
+                self.csv_file.flush()
             from tensorboardX import SummaryWriter
             # its file is named by the second and the host: a run resumed within the same second
             # would overwrite the earlier file (on S3, at upload); a random suffix keeps both

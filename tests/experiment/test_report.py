@@ -205,3 +205,12 @@ def test_the_report_lists_every_tuning_trial_with_the_chosen_one_marked(tmp_path
     assert rows == ["| tcnn | base | 0.00045 | 4096 | 6 (6) | 5 | **val_mse 0.0013** |",
                     "| tcnn | base | 0.0022 | 8192 | 2 (6) | 1 | val_mse 0.0037 (epoch 2 ignores the cell line) |",
                     "| tcnn | pretrain | 0.0001 | - | 4 (4) | 3 | **val_zeroshot_pcc 0.41** |"]
+
+
+def test_a_curve_without_its_header_is_one_line_naming_it(tmp_path, two_runs, capsys):
+    main, *_ = two_runs
+    (main / "curves").mkdir()
+    (main / "curves" / "drug_blind-tcnn-cldr-s171-pretrain.csv").write_text("363.774,1,19,val_mse,0.005\n")
+    assert cli.main(["report", str(main)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drug_blind-tcnn-cldr-s171-pretrain.csv: not a metrics CSV" in err
