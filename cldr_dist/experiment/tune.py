@@ -33,7 +33,7 @@ from cldr_dist.config import Config, ConfigError, apply_setting, config_from_dic
 from cldr_dist.data import storage
 from cldr_dist.eval.metrics import ignores_cell_line
 from cldr_dist.experiment.spec import ExperimentSpec, arm_stages, read_tuned, stage_config, tuned_path
-from cldr_dist.train.runlog import epoch_values
+from cldr_dist.train.runlog import epoch_table
 from cldr_dist.train.schedule import SELECT_METRIC
 
 EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/loop.py)
@@ -100,7 +100,8 @@ def epoch_rows(metrics_csv: str, metric: str) -> list[dict]:
     metric and the validation predictions' within-drug spread. Tune rewrites a resumed trial's
     result rows from the resume on, so they lose the epochs before it; the run's own CSV is
     appended to across resumes and keeps them."""
-    scores, spreads = epoch_values(metrics_csv, metric), epoch_values(metrics_csv, SPREAD_KEY)
+    table = epoch_table(metrics_csv, [metric, SPREAD_KEY])
+    scores, spreads = table[metric], table[SPREAD_KEY]
     return [{EPOCH_KEY: epoch, metric: score, SPREAD_KEY: spreads.get(epoch)} for epoch, score in sorted(scores.items())]
 
 

@@ -38,10 +38,20 @@ def metric_rows(metrics_csv: str, source: str = "metrics CSV") -> list[dict[str,
     return list(reader)
 
 
+def epoch_table(metrics_csv: str, names: list[str], source: str = "metrics CSV") -> dict[str, dict[int, float]]:
+    """{name: {epoch: value}} of several metrics in a RunLog CSV, read in one pass. A resumed run
+    appends to its CSV, so an epoch logged twice (resumed from a checkpoint older than its last
+    line) counts at its last entry."""
+    table: dict[str, dict[int, float]] = {name: {} for name in names}
+    for row in metric_rows(metrics_csv, source):
+        if row["name"] in table:
+            table[row["name"]][int(row["epoch"])] = float(row["value"])
+    return table
+
+
 def epoch_values(metrics_csv: str, name: str, source: str = "metrics CSV") -> dict[int, float]:
-    """{epoch: value} of one metric in a RunLog CSV. A resumed run appends to its CSV, so an
-    epoch logged twice (resumed from a checkpoint older than its last line) counts at its last entry."""
-    return {int(row["epoch"]): float(row["value"]) for row in metric_rows(metrics_csv, source) if row["name"] == name}
+    """{epoch: value} of one metric in a RunLog CSV (see epoch_table)."""
+    return epoch_table(metrics_csv, [name], source)[name]
 
 
 class RunLog:
