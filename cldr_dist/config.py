@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from cldr_dist.train.schedule import LR_SCALING, SCHEDULES
+from cldr_dist.train.schedule import LR_SCALING, SCHEDULES, SELECTABLE
 
 
 ENCODINGS = ("entity", "per_pair", "drugs_only")   # TrainConfig.encoding
@@ -93,6 +93,9 @@ class TrainConfig:
     patience: int = 0               # stop after this many epochs without a better validation score; 0 = never
     select: str = "best_val"        # the weights a run keeps and tests: best_val = its best validation
                                     # epoch's | last = its last epoch's (a fixed epoch budget)
+    select_metric: str = ""         # the validation number best_val and patience follow: val_mse |
+                                    # val_pcc | ... (train/schedule.py); empty: val_mse to finetune,
+                                    # val_zeroshot_pcc to pretrain
     test_at_end: bool = True        # false: no test pass (tuning trials never look at test)
     stop_epoch: int = 0             # > 0: stop after this many epochs of an `epochs`-long schedule
     weight_decay: float = 0.0
@@ -254,6 +257,9 @@ def validate(cfg: Config) -> None:
     need(cfg.train.select in SELECTIONS, f"train.select: {cfg.train.select!r} is not one of {', '.join(SELECTIONS)}")
     need(cfg.train.select == "best_val" or not cfg.train.patience,
          "train.patience: early stopping needs train.select=best_val (select=last trains a fixed number of epochs)")
+    need(not cfg.train.select_metric or cfg.train.select_metric in SELECTABLE[cfg.train.mode],
+         f"train.select_metric: {cfg.train.select_metric!r} is not one of {', '.join(SELECTABLE.get(cfg.train.mode, ()))} "
+         f"(train.mode={cfg.train.mode})")
     need(cfg.train.encoding in ENCODINGS, f"train.encoding: {cfg.train.encoding!r} is not one of {', '.join(ENCODINGS)}")
     need(cfg.train.precision in ("auto", "bf16", "fp32"), f"train.precision: {cfg.train.precision!r} is not auto, bf16 or fp32")
     need(cfg.ray.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), f"ray.placement_strategy: unknown strategy {cfg.ray.placement_strategy!r}")

@@ -22,6 +22,7 @@ from cldr_dist.eval.predict import load_predictions
 from cldr_dist.experiment.runner import write_json
 from cldr_dist.experiment.spec import TUNED_STAGES
 from cldr_dist.train.runlog import epoch_values, metric_rows
+from cldr_dist.train.schedule import select_metric
 
 METRICS = ("pcc", "scc", "rmse", "mse", "r2", "rmse_ln_ic50")
 PAPER_DRUG_BLIND_PCC = 0.536       # CLDR's headline GDSC figure
@@ -486,7 +487,8 @@ def ended_by(stage: dict) -> str:
     epoch cap, or train.max_steps."""
     m, train = stage["metrics"], stage["config"]["train"]
     if m.get("stopped_early"):
-        return f"early stopping (best epoch {m.get('selected_epoch')})"
+        metric, _ = select_metric(stage["mode"], train.get("select_metric", ""))
+        return f"early stopping on {metric} (best epoch {m.get('selected_epoch')})"
     if train.get("max_steps") and m.get("step") == train["max_steps"] and m.get("epochs_run", 0) < train["epochs"]:
         return "max_steps"
     return "fixed budget" if train.get("select") == "last" else "epoch cap"

@@ -34,7 +34,7 @@ from cldr_dist.data import storage
 from cldr_dist.eval.metrics import ignores_cell_line
 from cldr_dist.experiment.spec import ExperimentSpec, arm_stages, read_tuned, stage_config, tuned_path
 from cldr_dist.train.runlog import epoch_table
-from cldr_dist.train.schedule import SELECT_METRIC
+from cldr_dist.train.schedule import select_metric
 
 EPOCH_KEY = "epochs_done"          # reported at the end of every epoch (train/loop.py)
 SPREAD_KEY = "val_within_drug_std"  # evaluate(): 0 when the model ignores the cell line
@@ -145,7 +145,7 @@ def run_trial(config: dict) -> None:
             apply_setting(cfg, section, key, value)
     validate(cfg)   # again, with the sampled settings
     cfg.ray.name = trial_run_name(config["run"], ray.tune.get_context().get_trial_id())
-    trainer.run(cfg, callbacks=[_epoch_reporter(SELECT_METRIC[cfg.train.mode][0])])
+    trainer.run(cfg, callbacks=[_epoch_reporter(select_metric(cfg.train.mode, cfg.train.select_metric)[0])])
 
 
 def trial_config(spec: ExperimentSpec, model: str, stage: str, init_from: str = "") -> Config:
@@ -228,7 +228,7 @@ def tune_stage(spec: ExperimentSpec, model: str, stage: str, init_from: str, log
     from cldr_dist.train.trainer import preflight, storage_target
     cfg = trial_config(spec, model, stage, init_from)
     preflight(cfg)   # a missing shard set or checkpoint is one line here, not an error per trial
-    metric, lower_is_better = SELECT_METRIC[cfg.train.mode]
+    metric, lower_is_better = select_metric(cfg.train.mode, cfg.train.select_metric)
     space = spec.tune.pretrain_space if stage == "pretrain" else spec.tune.space
     run = f"{spec.name}-tune-{model}-{stage}"
     path, fs = storage_target(cfg.ray.storage_path)
@@ -287,7 +287,7 @@ def _record(grid, cfg: Config, spec: ExperimentSpec, run: str, model: str, stage
     """The stage's record from Tune's results: every trial, the chosen one, its checkpoint."""
     from cldr_dist.experiment.runner import checkpoint_url
     from cldr_dist.train.trainer import root_cause
-    metric, lower_is_better = SELECT_METRIC[cfg.train.mode]
+    metric, lower_is_better = select_metric(cfg.train.mode, cfg.train.select_metric)
     trials = []
     for result in grid:
         reported = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []

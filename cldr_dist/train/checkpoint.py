@@ -51,7 +51,7 @@ class TrainState:
     step: int = 0               # optimizer steps
     world_size: int = 1
     config_digest: str = ""
-    best_score: float | None = None   # the best validation score so far (schedule.SELECT_METRIC)
+    best_score: float | None = None   # the best validation score so far (train.select_metric)
     best_epoch: int = 0               # the epoch (1-based) whose end gave it; 0: none yet
     stale_epochs: int = 0             # epochs since then, for early stopping
     metrics: dict = field(default_factory=dict)

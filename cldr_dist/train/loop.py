@@ -26,7 +26,7 @@ from cldr_dist.train.checkpoint import (TrainState, choose_checkpoint, full_stat
                                         model_weights, report, restore_checkpoint, save_checkpoint)
 from cldr_dist.train.device import select_accelerator
 from cldr_dist.train.runlog import RunLog
-from cldr_dist.train.schedule import SELECT_METRIC, lr_at, scaled_lr, takes_selection
+from cldr_dist.train.schedule import lr_at, scaled_lr, select_metric, takes_selection
 
 EPOCH_LINE_KEYS = ("val_pcc", "val_mse", "val_drug_pcc", "val_zero", "number_hits", "best_epoch")
 FAULT_ENV = "CLDR_FAULT_AT_STEP"  # "STEP:MARKER_FILE" in the driver's env: the last rank dies once at STEP
@@ -248,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
                  f"x accum {accum}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device}, niceness {os.nice(0)}; "
                  f"lr {peak_lr:.3g}{scaling}, {warmup_steps} warmup steps then {cfg.train.lr_schedule}")
     zero_shot = cfg.train.mode == "pretrain"
-    select_key, lower_is_better = SELECT_METRIC[cfg.train.mode]
+    select_key, lower_is_better = select_metric(cfg.train.mode, cfg.train.select_metric)
 
     def select(weights: dict, metrics: dict) -> None:
         """Keeps the weights of the best validation epoch and counts the epochs since."""

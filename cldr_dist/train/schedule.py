@@ -14,9 +14,14 @@ import math
 
 SCHEDULES = ("constant", "cosine", "linear")
 LR_SCALING = ("none", "linear", "sqrt")
-# The validation number each mode selects on, and whether lower is better: finetuning regresses
-# y (MSE, as GraphDRP selects); pretraining has no regression head yet, its number is zero-shot PCC.
-SELECT_METRIC = {"finetune": ("val_mse", True), "pretrain": ("val_zeroshot_pcc", False)}
+# The validation numbers a run can select and stop on, and whether lower is better.
+LOWER_IS_BETTER = {"val_mse": True, "val_rmse": True, "val_pcc": False, "val_scc": False,
+                   "val_drug_pcc": False, "val_zeroshot_pcc": False}
+SELECTABLE = {"finetune": ("val_mse", "val_rmse", "val_pcc", "val_scc", "val_drug_pcc"),
+              "pretrain": ("val_zeroshot_pcc",)}
+# Each mode's default: finetuning regresses y (MSE, as GraphDRP selects); pretraining has no
+# regression head yet, its number is zero-shot PCC.
+DEFAULT_SELECT_METRIC = {"finetune": "val_mse", "pretrain": "val_zeroshot_pcc"}
 
 
 def scaled_lr(lr: float, global_batch: int, rule: str, base_batch: int) -> float:
@@ -38,6 +43,13 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, schedu
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * shape)
+
+
+def select_metric(mode: str, name: str = "") -> tuple[str, bool]:
+    """The validation number a run in `mode` selects on (train.select_metric, empty: the mode's
+    default) and whether lower is better."""
+    name = name or DEFAULT_SELECT_METRIC[mode]
+    return name, LOWER_IS_BETTER[name]
 
 
 def is_better(score: float, best: float | None, lower_is_better: bool) -> bool:

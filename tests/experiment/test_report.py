@@ -8,7 +8,7 @@ import pytest
 from cldr_dist import cli
 from cldr_dist.eval.metrics import all_metrics
 from cldr_dist.eval.predict import save_predictions
-from cldr_dist.experiment.report import ReportError, number_order_score, write_report
+from cldr_dist.experiment.report import ReportError, ended_by, number_order_score, write_report
 from cldr_dist.experiment.runner import write_json
 
 N_TEST = 240
@@ -214,3 +214,12 @@ def test_a_curve_without_its_header_is_one_line_naming_it(tmp_path, two_runs, ca
     assert cli.main(["report", str(main)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "drug_blind-tcnn-cldr-s171-pretrain.csv: not a metrics CSV" in err
+
+
+@pytest.mark.parametrize("mode, train, expected", [
+    ("finetune", {"epochs": 60}, "early stopping on val_mse (best epoch 7)"),   # records from before select_metric
+    ("finetune", {"epochs": 60, "select_metric": "val_pcc"}, "early stopping on val_pcc (best epoch 7)"),
+    ("pretrain", {"epochs": 12, "select_metric": ""}, "early stopping on val_zeroshot_pcc (best epoch 7)")])
+def test_an_early_stopped_run_names_the_number_it_stopped_on(mode, train, expected):
+    stage = {"mode": mode, "config": {"train": train}, "metrics": {"stopped_early": 1, "selected_epoch": 7}}
+    assert ended_by(stage) == expected

@@ -2,7 +2,7 @@
 import pytest
 
 from cldr_dist.config import ConfigError, load_config
-from cldr_dist.train.schedule import is_better, lr_at, scaled_lr, takes_selection
+from cldr_dist.train.schedule import is_better, lr_at, scaled_lr, select_metric, takes_selection
 
 
 def test_warmup_rises_linearly_to_the_peak():
@@ -52,10 +52,20 @@ def test_is_better_respects_the_metric_direction():
     ("train.warmup_epochs=-1", "train.warmup_epochs"), ("train.min_lr_ratio=2", "train.min_lr_ratio"),
     ("train.patience=-1", "train.patience"), ("train.lr_base_batch=0", "train.lr_base_batch"),
     ("train.encoding=pairs", "train.encoding"), ("data.memory_budget_mb=-1", "data.memory_budget_mb"),
-    ("ray.worker_niceness=-1", "ray.worker_niceness"), ("ray.worker_niceness=20", "ray.worker_niceness")])
+    ("ray.worker_niceness=-1", "ray.worker_niceness"), ("ray.worker_niceness=20", "ray.worker_niceness"),
+    ("train.select_metric=val_loss", "train.select_metric"),
+    ("train.select_metric=val_pcc train.mode=pretrain", "train.select_metric")])
 def test_bad_training_settings_name_their_key(override, named):
     with pytest.raises(ConfigError, match=named):
-        load_config(None, [override])
+        load_config(None, override.split())
+
+
+def test_each_mode_selects_on_its_default_unless_told():
+    assert select_metric("finetune") == ("val_mse", True)
+    assert select_metric("pretrain") == ("val_zeroshot_pcc", False)
+    assert select_metric("finetune", "val_pcc") == ("val_pcc", False)
+    assert select_metric("finetune", "val_rmse") == ("val_rmse", True)
+    assert load_config(None, ["train.mode=finetune", "train.select_metric=val_drug_pcc"]).train.select_metric == "val_drug_pcc"
 
 
 def test_an_epoch_without_a_score_never_displaces_a_scored_best():

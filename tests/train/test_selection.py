@@ -1,6 +1,7 @@
 """Best-validation selection and early stopping through the real trainer: the test metrics a
 finetune run reports are those of its best validation epoch's weights, which its checkpoint
-carries, and a run stops once `patience` epochs pass without a better validation MSE."""
+carries, and a run stops once `patience` epochs pass without a better validation score (MSE,
+or the train.select_metric chosen)."""
 import csv
 from pathlib import Path
 
@@ -23,18 +24,19 @@ def epoch_values(csv_path: Path, name: str) -> dict[int, float]:
 
 
 @pytest.mark.slow  # a new Ray test: joins make test once it has passed 20 runs in a row
-def test_test_metrics_come_from_the_best_validation_epoch(ray_local, tiny_shards, tmp_path):
+@pytest.mark.parametrize("select_metric, pick", [("", min), ("val_pcc", max)])
+def test_test_metrics_come_from_the_best_validation_epoch(ray_local, tiny_shards, tmp_path, select_metric, pick):
     runs = tmp_path / "runs"
-    # a high constant rate makes validation MSE wander, so early stopping has something to do
+    # a high constant rate makes validation scores wander, so early stopping has something to do
     cfg = train_config(tiny_shards, str(runs), "select", "train.mode=finetune", f"train.epochs={EPOCHS}",
                        f"train.patience={PATIENCE}", "train.lr=0.003", "train.lr_schedule=constant",
-                       "train.batch_size=64")
+                       "train.batch_size=64", f"train.select_metric={select_metric}")
     result = trainer.run(cfg)
     assert result.error is None
     m = result.metrics
-    val_mse = epoch_values(runs / "select" / "logs" / "finetune_metrics.csv", "val_mse")
-    assert sorted(val_mse) == list(range(1, m["epochs_run"] + 1))
-    best = min(val_mse, key=val_mse.get)
+    scores = epoch_values(runs / "select" / "logs" / "finetune_metrics.csv", select_metric or "val_mse")
+    assert sorted(scores) == list(range(1, m["epochs_run"] + 1))
+    best = pick(scores, key=scores.get)
     assert m["selected_epoch"] == best
     if m["stopped_early"]:
         assert m["epochs_run"] == best + PATIENCE
