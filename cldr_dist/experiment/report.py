@@ -201,13 +201,52 @@ def claims(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
 
 
 def arm_pairs(rows: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
-    """(base model, its MSE-only row label, its CLDR row label) for every model with both rows."""
+    """(base model, its MSE-only row label, its CLDR row label) for every model with both rows;
+    a later experiment's arms pair among themselves, named "model [experiment]"."""
     pairs = []
     for label in rows:
-        model = label.split(" (")[0]
-        if label.endswith("(MSE only)") and f"{model} (cldr)" in rows:
-            pairs.append((model, label, f"{model} (cldr)"))
+        model, sep, tag = label.partition(" (MSE only)")
+        if sep and f"{model} (cldr){tag}" in rows:
+            pairs.append((model + tag, label, f"{model} (cldr){tag}"))
     return pairs
+
+
+def against_first(groups: dict[str, dict[str, list[dict]]]) -> dict:
+    """Each later experiment's row against the first experiment's row of the same arm (e.g. the
+    same arms rerun under another selection rule): the paired test PCC difference per shared seed."""
+    out = {}
+    for split, rows in groups.items():
+        for label, rs in rows.items():
+            first = label.rpartition(" [")[0] if rs[0].get("experiment") else ""
+            if rs[0]["kind"] != "deep" or first not in rows:
+                continue
+            by_seed = {x["seed"]: x["metrics"]["pcc"] for x in rows[first]}
+            later = {x["seed"]: x["metrics"]["pcc"] for x in rs if x["seed"] in by_seed}
+            out.setdefault(split, {})[label] = {
+                "against": first, "seeds": sorted(later), "metric": "test pcc, later minus first experiment",
+                "pcc": float(np.mean(list(later.values()))) if later else None,
+                "first_pcc": float(np.mean([by_seed[s] for s in later])) if later else None,
+                **paired_difference([later[s] - by_seed[s] for s in sorted(later)])}
+    return out
+
+
+def against_first_lines(compared: dict) -> list[str]:
+    lines = []
+    for split, rows in compared.items():
+        for label, d in rows.items():
+            if not d["n"]:
+                continue
+            line = (f"- {split}, {label} vs {d['against']}, seed{'s' if d['n'] > 1 else ''} "
+                    f"{', '.join(map(str, d['seeds']))}: test PCC {d['pcc']:.4f} vs {d['first_pcc']:.4f}, "
+                    f"paired difference {d['mean']:+.4f}")
+            if d["ci95"] is None:
+                line += " (one seed: no interval)"
+            else:
+                lo, hi = d["ci95"]
+                line += (f", 95% interval [{lo:+.4f}, {hi:+.4f}]: "
+                         + ("shown" if lo > 0 or hi < 0 else "interval includes zero: NOT shown"))
+            lines.append(line)
+    return lines
 
 
 def paired_difference(diffs: list[float], confidence: float = CONFIDENCE) -> dict:
@@ -252,7 +291,7 @@ def summary(groups: dict[str, dict[str, list[dict]]]) -> dict:
             paired.setdefault(split, {})[model] = {
                 "seeds": seeds, "metric": "test pcc, cldr minus mse-only",
                 **paired_difference([tuned[s] - base[s] for s in seeds])}
-    return {"arms": arms, "paired_cldr_minus_mse": paired}
+    return {"arms": arms, "paired_cldr_minus_mse": paired, "later_experiments_vs_first": against_first(groups)}
 
 
 def paired_lines(paired: dict) -> list[str]:
@@ -621,6 +660,8 @@ def write_report(run_dirs: str | Path | list, out: str | Path | None = None) -> 
     summ = summary(groups)
     lines += ["## The claims, checked", "", *(claims(groups) or ["- (not enough arms yet)"]),
               *paired_lines(summ["paired_cldr_minus_mse"]), ""]
+    if later := against_first_lines(summ["later_experiments_vs_first"]):
+        lines += ["## Later experiments against the first, arm by arm", "", *later, ""]
     if variants := variant_lines(groups):
         lines += ["## CLDR variants against plain CLDR", "", *variants, ""]
     if "drug_blind" in groups and (fig := fig_per_drug(dest, groups["drug_blind"])):

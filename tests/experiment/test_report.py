@@ -223,3 +223,29 @@ def test_a_curve_without_its_header_is_one_line_naming_it(tmp_path, two_runs, ca
 def test_an_early_stopped_run_names_the_number_it_stopped_on(mode, train, expected):
     stage = {"mode": mode, "config": {"train": train}, "metrics": {"stopped_early": 1, "selected_epoch": 7}}
     assert ended_by(stage) == expected
+
+
+def test_a_rerun_of_both_arms_pairs_its_own_arms_and_meets_the_first_experiments(tmp_path):
+    """The same arms rerun in a later experiment (e.g. another selection rule): its CLDR and
+    MSE-only rows pair among themselves, and each row meets the first experiment's same arm,
+    seed by seed."""
+    import json
+    main, rerun = new_run_dir(tmp_path, "main"), new_run_dir(tmp_path, "rerun")
+    pccs = {}
+    for i, seed in enumerate((171, 172)):
+        for run_dir, noises in ((main, {"base": 0.4, "cldr": 0.3}), (rerun, {"base": 0.2, "cldr": 0.1})):
+            for arm, noise in noises.items():
+                pccs[run_dir.name, arm, seed] = add_arm(run_dir, f"drug_blind-tcnn-{arm}-s{seed}", arm=arm, noise=noise,
+                                                        seed=100 * i + len(pccs), run_seed=seed)
+    report = write_report([main, rerun], tmp_path / "out").read_text()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    own = summary["paired_cldr_minus_mse"]["drug_blind"]["tcnn [rerun]"]
+    assert own["per_seed"] == pytest.approx([pccs["rerun", "cldr", s] - pccs["rerun", "base", s] for s in (171, 172)])
+    later = summary["later_experiments_vs_first"]["drug_blind"]["tcnn (MSE only) [rerun]"]
+    diffs = [pccs["rerun", "base", s] - pccs["main", "base", s] for s in (171, 172)]
+    assert later["against"] == "tcnn (MSE only)" and later["seeds"] == [171, 172]
+    assert later["per_seed"] == pytest.approx(diffs) and later["ci95"] is not None
+    assert (f"- drug_blind, tcnn (MSE only) [rerun] vs tcnn (MSE only), seeds 171, 172: test PCC "
+            f"{np.mean([pccs['rerun', 'base', s] for s in (171, 172)]):.4f} vs "
+            f"{np.mean([pccs['main', 'base', s] for s in (171, 172)]):.4f}, paired difference {np.mean(diffs):+.4f}") in report
+    assert "- drug_blind, tcnn [rerun]: CLDR - MSE-only PCC" in report
