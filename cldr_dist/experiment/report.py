@@ -534,10 +534,16 @@ def ended_by(stage: dict) -> str:
 
 
 def budget_lines(run_dirs: list[Path]) -> list[str]:
+    """One row per training run; a later experiment that starts from an earlier one's stage
+    (its record copied) lists that run once."""
     lines = ["| training run | mode | optimizer steps | global batch | samples seen | epochs (cap) | ended by | wall (min) |",
              "|---|---|---|---|---|---|---|---|"]
+    listed = set()
     for path in (p for run_dir in run_dirs for p in sorted((run_dir / "stages").glob("*.json"))):
         s = json.loads(path.read_text())
+        if s["run"] in listed:
+            continue
+        listed.add(s["run"])
         cfg = s["config"]
         gb = cfg["train"]["batch_size"] * cfg["ray"]["num_workers"] * cfg["train"]["grad_accum"]
         steps = s["metrics"].get("step")

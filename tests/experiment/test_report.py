@@ -249,3 +249,22 @@ def test_a_rerun_of_both_arms_pairs_its_own_arms_and_meets_the_first_experiments
             f"{np.mean([pccs['rerun', 'base', s] for s in (171, 172)]):.4f} vs "
             f"{np.mean([pccs['main', 'base', s] for s in (171, 172)]):.4f}, paired difference {np.mean(diffs):+.4f}") in report
     assert "- drug_blind, tcnn [rerun]: CLDR - MSE-only PCC" in report
+
+
+def test_a_stage_a_later_experiment_starts_from_is_one_budget_row(tmp_path, two_runs):
+    """A later experiment whose CLDR arms start from the first one's pretrain stage carries a
+    copy of its record: the Budget table lists that training run once, and its own runs too."""
+    main, extra, _, _ = two_runs
+
+    def stage(run, mode, **train):
+        return {"run": run, "mode": mode, "wall_s": 120.0, "metrics": {"step": 40, "epochs_run": 4},
+                "config": {"train": {"batch_size": 256, "grad_accum": 1, "epochs": 12, **train}, "ray": {"num_workers": 2}}}
+    shared = stage("main-drug_blind-tcnn-cldr-s171-pretrain", "pretrain")
+    for run_dir in (main, extra):
+        write_json(run_dir / "stages" / "drug_blind-tcnn-cldr-s171-pretrain.json", shared)
+    write_json(extra / "stages" / "drug_blind-tcnn-cldr-s171-finetune.json",
+               stage("extra-drug_blind-tcnn-cldr-s171-finetune", "finetune", select_metric="val_pcc"))
+    report = write_report([main, extra], tmp_path / "out").read_text()
+    budget = report.split("## Budget")[1]
+    assert budget.count("| main-drug_blind-tcnn-cldr-s171-pretrain | pretrain | 40 | 512 | 20,480 | 4 (12) |") == 1
+    assert "| extra-drug_blind-tcnn-cldr-s171-finetune | finetune | 40 | 512 |" in budget
