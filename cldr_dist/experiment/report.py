@@ -230,6 +230,10 @@ def against_first(groups: dict[str, dict[str, list[dict]]]) -> dict:
     return out
 
 
+def interval_verdict(lo: float, hi: float) -> str:
+    return f"95% interval [{lo:+.4f}, {hi:+.4f}]: " + ("shown" if lo > 0 or hi < 0 else "interval includes zero: NOT shown")
+
+
 def against_first_lines(compared: dict) -> list[str]:
     lines = []
     for split, rows in compared.items():
@@ -242,9 +246,7 @@ def against_first_lines(compared: dict) -> list[str]:
             if d["ci95"] is None:
                 line += " (one seed: no interval)"
             else:
-                lo, hi = d["ci95"]
-                line += (f", 95% interval [{lo:+.4f}, {hi:+.4f}]: "
-                         + ("shown" if lo > 0 or hi < 0 else "interval includes zero: NOT shown"))
+                line += ", " + interval_verdict(*d["ci95"])
             lines.append(line)
     return lines
 
@@ -622,9 +624,7 @@ def variant_lines(groups: dict[str, dict[str, list[dict]]]) -> list[str]:
             by_seed = {x["seed"]: x["metrics"]["pcc"] for x in pair[ref]}
             paired = paired_difference([x["metrics"]["pcc"] - by_seed[x["seed"]] for x in rs if x["seed"] in by_seed])
             if paired["ci95"]:
-                lo, hi = paired["ci95"]
-                line += (f"; paired test PCC difference {paired['mean']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]: "
-                         + ("shown" if lo > 0 or hi < 0 else "interval includes zero: NOT shown"))
+                line += f"; paired test PCC difference {paired['mean']:+.4f}, " + interval_verdict(*paired["ci95"])
             lines.append(line)
     return lines
 
